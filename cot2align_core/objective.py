@@ -61,7 +61,7 @@ from cot2align_core.dskd import CrossModelAttention, dskd_loss
 from cot2align_core.losses import (KD_KINDS, ce_at_positions, gather_positions, kd_divergence,
                                    response_positions, topk_kd_divergence, uld_loss)
 from cot2align_core.mined import mined_kd_loss
-from cot2align_core.ot import ot_alignment_loss
+from cot2align_core.ot import DEFAULT_EPS, ot_alignment_loss, pairwise_cost, sinkhorn
 
 __all__ = [
     "FORMS",
@@ -505,6 +505,35 @@ class CoT2AlignObjective(nn.Module):
                   if v is not None}
         return ot_alignment_loss(x, y, run.mask[s], t_sel.mask.to(dev), cost=o.cost,
                                  grad=o.grad, reduction="mean", **kwargs)
+
+    # ---------------------------------------------------------------- inspection
+    @torch.no_grad()
+    def transport_plan(self, student_model: nn.Module, student: StudentBatch,
+                       teacher: TeacherBatch, *, layer: str = "last",
+                       teacher_embed: Tensor | None = None) -> Tensor:
+        """The OT plan [R_s, R_t] of the first batch row, as the loss computes it.
+
+        The student is run on the row, its states at the response prediction positions are
+        compared with the teacher's projected states by the configured cost, and Sinkhorn
+        solves the problem with the configured regularisation. For reports (a heatmap of which
+        teacher tokens each student token is transported to)."""
+        if self.projector is None:
+            raise ValueError("this objective has no OT term (weights.ot is None)")
+        one = torch.zeros_like(student.present, dtype=torch.bool)
+        one[0] = True
+        sb = replace(student, present=one)
+        run = self._run_student(student_model, sb, need_hidden=True)
+        x = run.hidden[layer][0].float()
+        n = int(run.mask[0].sum())
+        tb = teacher.select(torch.tensor([0], device=teacher.present.device))
+        y = self._teacher_repr(tb, layer, teacher_embed, x.device)[0]
+        m = int(tb.mask[0].sum())
+        o = self.weights.ot
+        cost = pairwise_cost(x[:n], y[:m], o.cost)
+        kwargs = {k: v for k, v in (("eps", o.eps), ("max_iter", o.max_iter), ("tol", o.tol))
+                  if v is not None}
+        kwargs.setdefault("eps", DEFAULT_EPS)
+        return sinkhorn(cost, **kwargs).plan
 
     # ---------------------------------------------------------------- forward
     def forward(self, student_model: nn.Module, student: Mapping[str, StudentBatch],

@@ -1,0 +1,396 @@
+"""The pipeline's configuration: one YAML file, validated.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names
+the key's full path (``generate.temprature``) and, where one is close, the key that was meant.
+Wrong types are reported the same way. Stages fingerprint only the sections they read
+(:func:`stage_params`), so changing one stage's parameter reruns that stage and its dependents.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("prepare", "teacher_sft", "generate", "tokenize", "cache_teacher", "distill", "evaluate")
+FORMS = ("standard", "cot")
+KD_BASES = (
+    "none", "dskd", "uld", "mined",
+    "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names each bad key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class DemoDataConfig(_Section):
+    """The project's arithmetic task (cot2align_core.demo_task): train and eval splits are
+    disjoint sets of expressions."""
+
+    n_train: int = Field(2000, ge=1)
+    n_eval: int = Field(200, ge=1)
+    seed: int = 0
+    n_operands: int = Field(3, ge=2)
+    min_operand: int = Field(0, ge=0)
+    max_operand: int = Field(9, ge=0)
+    ops: str = "+-"
+
+
+class DataConfig(_Section):
+    """Where the task's rows come from.
+
+    ``source: demo`` generates the project's small reasoning task (gold rationales, checkable
+    answers). ``source: jsonl`` reads DSKD/Dolly-format files (``instruction``, ``input``,
+    ``output``; ``prompt`` and ``rationale`` optional).
+    """
+
+    source: Literal["demo", "jsonl"] = "demo"
+    demo: DemoDataConfig = DemoDataConfig()
+    train_path: str | None = None
+    eval_path: str | None = None
+    max_train_rows: int | None = Field(None, ge=1)
+    max_eval_rows: int | None = Field(None, ge=1)
+    # The paper gave a CoT form only to examples with a non-empty ``input``.
+    cot_requires_input: bool = False
+    # What to do with rows missing a field or with an empty output: stop with the row numbers
+    # (default), or skip them and count them in the manifest.
+    on_invalid_rows: Literal["error", "skip"] = "error"
+    # Answers are checkable (exact match is meaningful, rationales can be filtered).
+    checkable_answers: bool = True
+
+    @model_validator(mode="after")
+    def _paths(self):
+        if self.source == "jsonl" and not self.train_path:
+            raise ValueError("data.source is 'jsonl' but data.train_path is not set")
+        return self
+
+
+# --------------------------------------------------------------------------- models
+class TokenizerConfig(_Section):
+    """A tokenizer trained on the task's text (for models built from scratch)."""
+
+    kind: Literal["bpe", "unigram", "wordpiece", "char"] = "bpe"
+    vocab_size: int = Field(512, ge=16)
+
+
+class ScratchModelConfig(_Section):
+    arch: Literal["llama", "gpt2"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 512
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """Either ``pretrained`` (a hub id or a local folder) or ``scratch`` (built on the spot)."""
+
+    pretrained: str | None = None
+    scratch: ScratchModelConfig | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # LoRA is how the paper trains the 1.1B+ students; full fine-tuning otherwise.
+    lora_rank: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.pretrained is None) == (self.scratch is None):
+            raise ValueError("set exactly one of 'pretrained' (hub id or folder) or 'scratch'")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+class TrainingConfig(_Section):
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    max_length: int = Field(512, ge=8)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set 'steps' or 'epochs'")
+        return self
+
+
+class TeacherSFTConfig(_Section):
+    enabled: bool = True
+    training: TrainingConfig = TrainingConfig(steps=600, batch_size=32, lr=3e-3)
+    # Train on both forms: standard (gold answer) and CoT (gold rationale) where the data has one.
+    use_gold_rationales: bool = True
+
+
+# --------------------------------------------------------------------------- stages
+class GenerateConfig(_Section):
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    # Keep only rationales whose final answer matches gold (needs checkable answers).
+    filter_correct: bool = False
+    shard_size: int = Field(256, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = None
+
+
+class TokenizeConfig(_Section):
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(256, ge=1)
+    shard_size: int = Field(1024, ge=1)
+    # Precompute MinED token alignments (student position -> teacher position) for the KD base.
+    mined_alignment: bool = False
+
+
+class CacheTeacherConfig(_Section):
+    # HF hidden_states indices of the layers to cache; -1 = the last layer. The embedding layer
+    # (index 0) is never cached per example: it is recomputed from the token ids and the
+    # teacher's embedding matrix, saved once per artifact.
+    layers: list[int] = [-1]
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # Top-k teacher logits per position for the logit-based KD bases; 0 = none; None = chosen
+    # from the distill objective (needed by uld, mined, same-vocabulary KD).
+    topk: int | None = None
+    batch_size: int = Field(16, ge=1)
+    shard_size: int = Field(512, ge=1)
+    device: str = "auto"
+
+
+class OTConfig(_Section):
+    cost: Literal["cosine", "sq_euclidean", "attention"] = "cosine"
+    eps: float | None = Field(None, gt=0)  # None: the library default (chosen to discriminate)
+    max_iter: int = Field(100, ge=1)
+    tol: float = Field(1e-4, gt=0)
+    grad: Literal["envelope", "unroll"] = "envelope"
+    layers: list[Literal["embedding", "last"]] = ["embedding", "last"]
+    pairs: dict[Literal["main", "cross_a", "cross_b"], float] = {
+        "main": 1.0, "cross_a": 1.0, "cross_b": 1.0,
+    }
+    weight: float = Field(1.0, ge=0)
+
+
+class ObjectiveConfig(_Section):
+    """L = (1-alpha) CE + alpha (KD_base + sum_pairs sum_layers OT); ``ot: null`` = KD base alone."""
+
+    alpha: float = Field(0.5, ge=0, le=1)
+    kd_base: Literal[KD_BASES] = "dskd"  # type: ignore[valid-type]
+    kd_temperature: float = Field(2.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0)
+    ot: OTConfig | None = OTConfig()
+    projector_lr: float = Field(1e-3, gt=0)
+
+
+class DistillConfig(_Section):
+    objective: ObjectiveConfig = ObjectiveConfig()
+    training: TrainingConfig = TrainingConfig(epochs=10, batch_size=32, lr=5e-4)
+
+
+class EvaluateConfig(_Section):
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    max_rows: int | None = Field(None, ge=1)
+    backend: Literal["auto", "vllm", "hf"] = "hf"
+    forms: list[Literal["standard", "cot"]] = ["standard"]
+    include_teacher: bool = True
+    # Other students to compare with: each a distill objective trained beside the main one.
+    baselines: dict[str, ObjectiveConfig] = {}
+
+
+class PipelineConfig(_Section):
+    name: str = "demo"
+    store: str = "./artifacts"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig
+    student: ModelConfig
+    teacher_sft: TeacherSFTConfig = TeacherSFTConfig()
+    generate: GenerateConfig = GenerateConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    cache_teacher: CacheTeacherConfig = CacheTeacherConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _consistency(self):
+        if self.teacher.scratch is not None and not self.teacher_sft.enabled:
+            raise ValueError(
+                "teacher is built from scratch but teacher_sft.enabled is false: an untrained "
+                "teacher writes noise; enable teacher_sft or give teacher.pretrained"
+            )
+        if self.generate.filter_correct and not self.data.checkable_answers:
+            raise ValueError(
+                "generate.filter_correct needs data.checkable_answers: true "
+                "(free-form answers cannot be checked)"
+            )
+        same_vocab = {"forward_kl", "reverse_kl", "js", "skewed_forward_kl",
+                      "skewed_reverse_kl", "tvd"}
+        for name, obj in [("distill.objective", self.distill.objective)] + [
+            (f"evaluate.baselines.{k}", v) for k, v in self.evaluate.baselines.items()
+        ]:
+            if obj.kd_base in same_vocab and self.teacher.scratch and self.student.scratch:
+                t, s = self.teacher.scratch.tokenizer, self.student.scratch.tokenizer
+                if t != s:
+                    raise ValueError(
+                        f"{name}.kd_base {obj.kd_base!r} needs one vocabulary, but the teacher "
+                        f"and student tokenizers differ; use dskd, uld or mined"
+                    )
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def needed_topk(self) -> int:
+        """Top-k teacher logits the KD bases of the main objective and baselines need."""
+        if self.cache_teacher.topk is not None:
+            return self.cache_teacher.topk
+        objectives = [self.distill.objective, *self.evaluate.baselines.values()]
+        needs = any(o.alpha > 0 and o.kd_base not in ("none", "dskd") for o in objectives)
+        return 64 if needs else 0
+
+    def needs_mined_alignment(self) -> bool:
+        objectives = [self.distill.objective, *self.evaluate.baselines.values()]
+        return self.tokenize.mined_alignment or any(
+            o.alpha > 0 and o.kd_base == "mined" for o in objectives
+        )
+
+
+# --------------------------------------------------------------------------- loading
+def _known_keys(model: type[BaseModel], path: list[str | int]) -> list[str]:
+    """Field names of the section that ``path`` points into (for did-you-mean hints)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                current = cand
+                break
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = ""
+            known = _known_keys(PipelineConfig, list(loc[:-1]))
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            if close:
+                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+            elif known:
+                hint = f" (known keys here: {', '.join(known)})"
+            lines.append(f"  {key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config. ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give a path to a YAML config, e.g. configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = parse_config(data, str(path))
+    return cfg
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def config_dump(cfg: PipelineConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def stage_params(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The config fields a stage reads: what its fingerprint hashes (besides upstream ones)."""
+    d = config_dump(cfg)
+    if stage == "prepare":
+        return {"data": d["data"], "teacher": d["teacher"], "student": d["student"],
+                "seed": cfg.seed}
+    if stage == "teacher_sft":
+        return {"teacher": d["teacher"], "teacher_sft": d["teacher_sft"], "seed": cfg.seed,
+                "max_length": cfg.tokenize.max_length}
+    if stage == "generate":
+        return {"generate": d["generate"], "teacher": d["teacher"]}
+    if stage == "tokenize":
+        return {"tokenize": d["tokenize"], "mined": cfg.needs_mined_alignment(),
+                "cot_requires_input": cfg.data.cot_requires_input}
+    if stage == "cache_teacher":
+        c = dict(d["cache_teacher"])
+        c.pop("device")
+        c.pop("batch_size")  # does not change what is cached
+        return {"cache_teacher": c, "topk": cfg.needed_topk(), "teacher_dtype": cfg.teacher.dtype}
+    if stage == "distill":
+        t = dict(d["distill"]["training"])
+        t.pop("device")
+        return {"objective": d["distill"]["objective"], "training": t, "student": d["student"],
+                "seed": cfg.seed}
+    if stage == "evaluate":
+        e = dict(d["evaluate"])
+        return {"evaluate": e, "checkable": cfg.data.checkable_answers}
+    raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")

@@ -1,0 +1,118 @@
+"""Task data: rows in the DSKD/Dolly format, read from jsonl or generated (the demo task).
+
+A row is ``{"id", "instruction", "input", "output"}`` plus an optional gold ``rationale``.
+Files in the DSKD format carry a ready ``prompt`` too; it is not needed (prompts are built from
+``instruction`` and ``input``) and is dropped. Rows without an ``id`` get ``<split>-<line>``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED = ("instruction", "output")
+
+
+class DataError(ValueError):
+    """Task data that cannot be used; the message names the file, the rows and the fix."""
+
+
+@dataclass
+class LoadedSplit:
+    rows: list[dict[str, Any]]
+    source: str
+    skipped: list[str] = field(default_factory=list)  # "line N: reason" of skipped rows
+
+
+def _check_row(raw: Any) -> str | None:
+    if raw is None:
+        return "blank line"
+    if isinstance(raw, str) and raw.startswith("<invalid JSON"):
+        return raw.strip("<>")
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    for k in ("instruction", "output", "input", "rationale"):
+        if k in raw and raw[k] is not None and not isinstance(raw[k], str):
+            return f"field {k!r} is {type(raw[k]).__name__}, expected a string"
+    if not raw["output"].strip():
+        return "empty 'output'"
+    if not raw["instruction"].strip():
+        return "empty 'instruction'"
+    return None
+
+
+def normalise_row(raw: dict[str, Any], default_id: str) -> dict[str, Any]:
+    row = {
+        "id": str(raw.get("id") or default_id),
+        "instruction": raw["instruction"].strip(),
+        "input": (raw.get("input") or "").strip(),
+        "output": raw["output"].strip(),
+    }
+    if raw.get("rationale"):
+        row["rationale"] = raw["rationale"].strip()
+    return row
+
+
+def validate_rows(raws: list[Any], source: str, split: str, on_invalid: str = "error",
+                  limit: int | None = None) -> LoadedSplit:
+    rows, bad = [], []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raws, start=1):
+        problem = _check_row(raw)
+        if problem is None:
+            row = normalise_row(raw, f"{split}-{i:06d}")
+            if row["id"] in seen:
+                problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+            else:
+                seen[row["id"]] = i
+        if problem:
+            bad.append(f"line {i}: {problem}")
+            continue
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    if bad and on_invalid == "error":
+        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(
+            f"{source}: {len(bad)} invalid row(s):\n  {shown}\n"
+            "Fix the rows (each needs non-empty 'instruction' and 'output' strings), or set "
+            "data.on_invalid_rows: skip to leave them out (they are counted in the manifest)."
+        )
+    if not rows:
+        raise DataError(f"{source}: no usable rows")
+    return LoadedSplit(rows=rows, source=source, skipped=bad)
+
+
+def read_jsonl(path: str | Path, split: str, on_invalid: str = "error",
+               limit: int | None = None) -> LoadedSplit:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (check data.train_path / data.eval_path)")
+    raws: list[Any] = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                raws.append(None)
+                continue
+            try:
+                raws.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raws.append(f"<invalid JSON: {err.msg}>")
+    return validate_rows(raws_without_blank(raws), str(path), split, on_invalid, limit)
+
+
+def raws_without_blank(raws: list[Any]) -> list[Any]:
+    # Keep line numbers meaningful: blank lines stay as None and are reported as invalid only
+    # when they are not trailing.
+    while raws and raws[-1] is None:
+        raws.pop()
+    return raws
+
+
+def has_cot_form(row: dict[str, Any], cot_requires_input: bool) -> bool:
+    """Whether an example gets a CoT form (the paper: only rows with a non-empty input)."""
+    return bool(row.get("input")) or not cot_requires_input

@@ -1,0 +1,125 @@
+"""The ``cot2align`` command line.
+
+    cot2align run [CONFIG] [--set key=value ...] [--force STAGE ...]
+    cot2align stage NAME CONFIG [--set key=value ...] [--force]
+    cot2align plan [CONFIG]              fingerprints and which artifacts exist
+    cot2align inspect PATH [--json]      an artifact or a store
+    cot2align verify PATH                re-hash shards against the manifest
+    cot2align ls [STORE]                 artifacts in a store (--garbage: unreferenced ones)
+    cot2align gc [STORE] --yes           remove unreferenced artifacts
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _default_config() -> str:
+    if not DEFAULT_CONFIG.is_file():
+        raise SystemExit(f"no CONFIG given and the embedded default {DEFAULT_CONFIG} is missing; "
+                         "pass a config path, e.g. `cot2align run configs/demo.yaml`")
+    return str(DEFAULT_CONFIG)
+
+
+def _print_summary(results: dict[str, dict], seconds: float) -> None:
+    print()
+    print(f"{'stage':<24}{'status':<10}{'seconds':>9}  artifact")
+    for key, ref in results.items():
+        status = "reused" if ref["reused"] else "computed"
+        print(f"{key:<24}{status:<10}{ref['seconds']:>9.1f}  {ref['path']}")
+    report = results.get("evaluate", {}).get("summary", {}).get("report")
+    if report:
+        print(f"\nreport: {report}")
+    metrics = results.get("evaluate", {}).get("summary", {}).get("metrics")
+    if metrics:
+        for line in metrics:
+            print(f"  {line}")
+    print(f"total wall time: {seconds:.1f} s")
+
+
+def _cmd_run(args) -> int:
+    from flows.pipeline import pipeline_flow
+
+    t0 = time.time()
+    results = pipeline_flow(args.config or _default_config(), args.set or None, args.force or None)
+    _print_summary(results, time.time() - t0)
+    return 0
+
+
+def _cmd_stage(args) -> int:
+    from flows.pipeline import STAGE_FLOWS
+
+    t0 = time.time()
+    results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force)
+    _print_summary(results, time.time() - t0)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from cot2align_core.config import load_config
+    from storage.store import ArtifactStore
+    from tasks.common import plan
+
+    cfg = load_config(args.config or _default_config(), args.set)
+    store = ArtifactStore(cfg.store)
+    for key, fp in plan(cfg).items():
+        stage = key.split(":")[0]
+        state = "complete" if store.get(stage, fp) is not None else "missing"
+        print(f"{key:<24}{fp}  {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cot2align_core.config import STAGES
+    from storage.inspect import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="cot2align", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline (finished stages are reused)")
+    p.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
+                   help="recompute this stage even if its artifact exists")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage against the existing upstream artifacts")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--force", action="store_true", help="recompute even if the artifact exists")
+    p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("plan", help="show each stage's fingerprint and whether it exists")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_plan)
+
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cot2align_core.config import ConfigError
+    from cot2align_core.data import DataError
+    from tasks.common import StageError
+
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DataError, StageError) as err:
+        print(f"cot2align: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

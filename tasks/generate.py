@@ -1,0 +1,125 @@
+"""Stage ``generate``: the teacher writes a chain-of-thought rationale for each training row.
+
+The paper's CoT prompt ("... Let's think step by step.\\n") goes to the teacher through a
+generation backend (vLLM in-process when installed, transformers otherwise). Each example's
+sampling seed derives from (generate.seed, example id), so a shard's rows do not depend on which
+other rows share its batch and a resumed run writes the same bytes. Shards of
+``generate.shard_size`` rows are tasks with retries; a rerun after a crash writes only the
+missing ones. With ``generate.filter_correct`` a rationale is kept only when its final answer
+matches gold; counts of kept and filtered rows go to the manifest.
+"""
+from __future__ import annotations
+
+import re
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from cot2align_core.config import PipelineConfig
+from cot2align_core.data import has_cot_form
+from cot2align_core.prompts import ANSWER_PREFIX, cot_prompt
+from storage.schemas import rationales_table
+from storage.store import open_artifact
+from tasks.common import StageRef, logger, resolve_device, teacher_model_path
+from tasks.prepare import read_rows
+from tasks.stage import Progress, kill_point, run_stage
+
+_MARKER = re.compile(re.escape(ANSWER_PREFIX.strip()), re.IGNORECASE)
+
+
+def split_rationale(text: str) -> tuple[str, str]:
+    """(rationale, the teacher's own answer) of a generated CoT response.
+
+    The rationale is everything before the last "Therefore, the answer is:"; the answer is the
+    first line after it ("" when the teacher wrote no such line)."""
+    matches = list(_MARKER.finditer(text))
+    if not matches:
+        return text.strip(), ""
+    tail = text[matches[-1].end():].strip().splitlines()
+    return text[: matches[-1].start()].strip(), (tail[0].strip() if tail else "")
+
+
+def judge(cfg: PipelineConfig, rationale: str, answer_text: str, gold: str,
+          finish_reason: str) -> tuple[str, bool, str | None]:
+    """(prediction, kept, filter_reason) of one generated rationale."""
+    prediction = answer_text
+    if cfg.data.checkable_answers:
+        from cot2align_core.demo_task import extract_answer, is_correct
+
+        prediction = (extract_answer(ANSWER_PREFIX + answer_text) or "") if answer_text else ""
+        if cfg.generate.filter_correct and not is_correct(prediction or None, gold):
+            return prediction, False, "wrong_answer" if prediction else "no_answer"
+    if not rationale.strip():
+        return prediction, False, "empty"
+    return prediction, True, None
+
+
+@task(name="generate-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)
+def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], backend) -> dict:
+    from cot2align_core.generation import SamplingConfig, derive_seed
+
+    g = cfg.generate
+    sampling = SamplingConfig(n=g.n, temperature=g.temperature, top_p=g.top_p,
+                              max_tokens=g.max_tokens, seed=g.seed)
+    prompts = [cot_prompt(r) for r in rows]
+    seeds = [derive_seed(g.seed, r["id"]) for r in rows]
+    outputs = backend.generate(prompts, sampling, seeds, ids=[r["id"] for r in rows])
+    out, kept = [], 0
+    for row, prompt, seed, completions in zip(rows, prompts, seeds, outputs):
+        for j, c in enumerate(completions):
+            rationale, answer_text = split_rationale(c.text)
+            prediction, ok, reason = judge(cfg, rationale, answer_text, row["output"],
+                                           c.finish_reason)
+            kept += ok
+            out.append(dict(id=row["id"], prompt=prompt, rationale=rationale,
+                            answer=row["output"], prediction=prediction, kept=ok,
+                            filter_reason=reason, sample_index=j, temperature=g.temperature,
+                            top_p=g.top_p, max_tokens=g.max_tokens, seed=seed + j))
+    writer.write_shard(name, rationales_table(out), kind="rationales",
+                       info={"kept": kept, "filtered": len(out) - kept})
+    return {"rows": len(out), "kept": kept}
+
+
+def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None):
+    from cot2align_core.generation import make_backend
+
+    g = cfg.generate
+    device = resolve_device("auto")
+    return make_backend(
+        kind, model_dir,
+        vllm_options=dict(tensor_parallel_size=g.tensor_parallel_size,
+                          gpu_memory_utilization=g.gpu_memory_utilization,
+                          dtype=cfg.teacher.dtype),
+        hf_options=dict(device=device, dtype=cfg.teacher.dtype),
+        max_model_len=g.max_model_len,
+    )
+
+
+@task(name="generate", cache_policy=NONE)
+def generate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
+                   force: bool = False) -> StageRef:
+    def body(w) -> dict:
+        rows = [r for r in read_rows(open_artifact(upstream["prepare"].path), "train")
+                if has_cot_form(r, cfg.data.cot_requires_input)]
+        size = cfg.generate.shard_size
+        shards = {f"rationales-{i // size:05d}": rows[i:i + size] for i in range(0, len(rows), size)}
+        todo = [n for n in shards if not w.has_shard(n)]
+        if len(todo) < len(shards):
+            logger().info("generate: %d of %d shards already done, resuming",
+                          len(shards) - len(todo), len(shards))
+        if todo:
+            backend = open_backend(cfg, teacher_model_path(cfg, upstream), cfg.generate.backend)
+            try:
+                with Progress(len(todo), "generate: rationale shards") as bar:
+                    for name in todo:
+                        generate_shard(cfg, w, name, shards[name], backend)
+                        bar.update()
+                        kill_point("generate", "shard", len(w.done_shards()))
+            finally:
+                backend.close()
+        kept = sum(s.info.get("kept", 0) for s in w.shard_records())
+        total = sum(s.rows for s in w.shard_records())
+        return {"examples": len(rows), "rationales": total, "kept": kept,
+                "filtered": total - kept, "backend": cfg.generate.backend}
+
+    return run_stage(cfg, "generate", fp, upstream, body, force=force)

@@ -1,0 +1,117 @@
+"""The life cycle every stage task shares: reuse a complete artifact, else write one.
+
+``run_stage`` looks the artifact up by fingerprint; when it is complete (and not forced) the
+stage is skipped. Otherwise it takes the artifact's lock, lets ``body`` fill the writer (shards
+already finished by an interrupted run are kept: ``body`` asks ``writer.done_shards()``), and
+the manifest is committed last. A markdown summary is published as a Prefect artifact.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from cot2align_core.config import PipelineConfig, stage_params
+from storage.store import ArtifactStore
+from tasks.common import STAGE_VERSIONS, StageRef, logger
+
+
+def open_store(cfg: PipelineConfig) -> ArtifactStore:
+    store = ArtifactStore(cfg.store)
+    store.check_writable()
+    return store
+
+
+def run_stage(cfg: PipelineConfig, stage: str, fp: str, upstream: dict[str, StageRef],
+              body: Callable[[Any], dict[str, Any] | None], *, force: bool = False,
+              label: str | None = None) -> StageRef:
+    label = label or stage
+    store = open_store(cfg)
+    log = logger()
+    art = store.get(stage, fp)
+    if art is not None and not force:
+        log.info("%s: reusing %s", label, art.path)
+        return StageRef(stage, fp, str(art.path), reused=True,
+                        summary=art.manifest.get("info", {}).get("summary", {}))
+    if art is not None:
+        log.info("%s: --force, recomputing %s", label, art.path)
+        store.discard(stage, fp)
+    t0 = time.time()
+    with store.writer(stage, fp, params=stage_params(cfg, stage),
+                      upstream={k: r.fingerprint for k, r in upstream.items()},
+                      version=STAGE_VERSIONS[stage]) as writer:
+        if writer.complete:  # another run finished it while this one waited for the lock
+            log.info("%s: finished meanwhile by another run, reusing %s", label, writer.artifact.path)
+            return StageRef(stage, fp, str(writer.artifact.path), reused=True,
+                            summary=writer.artifact.info.get("summary", {}))
+        summary = body(writer) or {}
+        writer.info["summary"] = summary
+    art = store.get(stage, fp)
+    seconds = time.time() - t0
+    log.info("%s: wrote %s in %.1f s", label, art.path, seconds)
+    _publish(label, art, summary, seconds)
+    return StageRef(stage, fp, str(art.path), reused=False, seconds=seconds, summary=summary)
+
+
+def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:  # outside a Prefect run: nothing to publish
+        return
+    lines = [f"## {label}", "", f"- artifact: `{art.path}`", f"- seconds: {seconds:.1f}"]
+    lines += [f"- {k}: {v}" for k, v in summary.items() if not isinstance(v, (dict, list))]
+    key = "stage-" + label.replace(":", "-").replace("_", "-")
+    create_markdown_artifact("\n".join(lines), key=key, description=f"{label} stage output")
+
+
+class Progress:
+    """A tqdm bar on the terminal and a Prefect progress artifact inside a run."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.total = max(total, 1)
+        self.done = 0
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self._artifact = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact = create_progress_artifact(0.0, description=desc)
+        except Exception:
+            self._artifact = None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self._artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._artifact, 100.0 * self.done / self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def kill_point(stage: str, event: str, count: int) -> None:
+    """Crash-test hook: SIGKILL this process when ``COT2ALIGN_KILL_AT`` is ``stage:event:count``.
+
+    The stages call it after each committed shard (``generate:shard:N``,
+    ``cache_teacher:shard:N``) and after each optimizer step (``distill:step:N``,
+    ``teacher_sft:step:N``), so tests can kill a real run at a precise point and check that the
+    resumed run ends where an uninterrupted one does. Unset, it does nothing.
+    """
+    import os
+    import signal
+
+    target = os.environ.get("COT2ALIGN_KILL_AT")
+    if target and target == f"{stage}:{event}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)

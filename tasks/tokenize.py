@@ -1,0 +1,97 @@
+"""Stage ``tokenize``: every example in its standard and CoT forms, for both tokenizers.
+
+The standard form is the Alpaca prompt -> gold answer; the CoT form is the paper's CoT prompt
+-> the teacher's rationale + "Therefore, the answer is: " + gold answer, for examples whose
+rationale was kept by ``generate`` (the first kept sample). One shard per side per chunk of
+examples (``teacher-00000``, ``student-00000``...). With a MinED KD base, each student row
+carries its alignment to the teacher row of the same example and form.
+"""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from cot2align_core.config import PipelineConfig
+from cot2align_core.prompts import format_row
+from cot2align_core.tokenization import TokenizedExample, response_ids, tokenize_pair
+from storage.schemas import tokenized_table
+from storage.store import open_artifact
+from tasks.common import StageRef, load_side_tokenizer
+from tasks.prepare import read_rows
+from tasks.stage import Progress, run_stage
+
+
+def chosen_rationales(generate_artifact) -> dict[str, str]:
+    """Example id -> the first kept rationale (lowest sample index)."""
+    table = generate_artifact.read_kind("rationales", ["id", "rationale", "kept", "sample_index"])
+    best: dict[str, tuple[int, str]] = {}
+    for r in table.to_pylist():
+        if r["kept"] and (r["id"] not in best or r["sample_index"] < best[r["id"]][0]):
+            best[r["id"]] = (r["sample_index"], r["rationale"])
+    return {k: v for k, (_, v) in best.items()}
+
+
+def example_forms(rows: list[dict], rationales: dict[str, str]) -> list[tuple[dict, str, str | None]]:
+    out = []
+    for row in rows:
+        out.append((row, "standard", None))
+        if row["id"] in rationales:
+            out.append((row, "cot", rationales[row["id"]]))
+    return out
+
+
+def as_row(ex: TokenizedExample) -> dict:
+    return dict(id=ex.id, form=ex.form, text=ex.text, input_ids=ex.input_ids,
+                response_mask=ex.response_mask, offsets_start=ex.offsets_start,
+                offsets_end=ex.offsets_end, prompt_tokens=ex.prompt_tokens)
+
+
+@task(name="tokenize-shard", retries=1, cache_policy=NONE)
+def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: bool) -> dict:
+    t = cfg.tokenize
+    encoded = {}
+    for side, tok in toks.items():
+        encoded[side] = [
+            tokenize_pair(tok, row["id"], form, *format_row(row, form, rationale),
+                          max_length=t.max_length, max_prompt_length=t.max_prompt_length)
+            for row, form, rationale in items
+        ]
+    teacher_rows = [as_row(e) for e in encoded["teacher"]]
+    student_rows = [as_row(e) for e in encoded["student"]]
+    if mined:
+        from cot2align_core.mined import TokenNormalizer, alignment_tensor, min_edit_alignment
+
+        norm = {side: TokenNormalizer.from_tokenizer(tok) for side, tok in toks.items()}
+        for srow, s_ex, t_ex in zip(student_rows, encoded["student"], encoded["teacher"]):
+            t_strs = norm["teacher"].tokens(toks["teacher"], response_ids(t_ex))
+            s_strs = norm["student"].tokens(toks["student"], response_ids(s_ex))
+            pairs = min_edit_alignment(t_strs, s_strs)
+            srow["mined_alignment"] = alignment_tensor(pairs, len(s_strs)).tolist()
+    for side, rows in (("teacher", teacher_rows), ("student", student_rows)):
+        writer.write_shard(f"{side}-{index:05d}", tokenized_table(rows, side), kind=side)
+    truncated = sum(e.truncated for e in encoded["student"]) + sum(e.truncated for e in encoded["teacher"])
+    return {"rows": len(items), "truncated": truncated}
+
+
+@task(name="tokenize", cache_policy=NONE)
+def tokenize_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
+                   force: bool = False) -> StageRef:
+    def body(w) -> dict:
+        rows = read_rows(open_artifact(upstream["prepare"].path), "train")
+        rationales = chosen_rationales(open_artifact(upstream["generate"].path))
+        items = example_forms(rows, rationales)
+        toks = {side: load_side_tokenizer(cfg, side, upstream) for side in ("teacher", "student")}
+        size = cfg.tokenize.shard_size
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        mined = cfg.needs_mined_alignment()
+        truncated = 0
+        with Progress(len(chunks), "tokenize: shards") as bar:
+            for i, chunk in enumerate(chunks):
+                if not (w.has_shard(f"teacher-{i:05d}") and w.has_shard(f"student-{i:05d}")):
+                    truncated += tokenize_shard(cfg, w, i, chunk, toks, mined)["truncated"]
+                bar.update()
+        n_cot = sum(1 for _, f, _ in items if f == "cot")
+        return {"examples": len(rows), "standard": len(rows), "cot": n_cot,
+                "truncated": truncated, "mined_alignment": mined}
+
+    return run_stage(cfg, "tokenize", fp, upstream, body, force=force)
