@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -252,16 +252,33 @@ class PipelineConfig(_Section):
             )
         same_vocab = {"forward_kl", "reverse_kl", "js", "skewed_forward_kl",
                       "skewed_reverse_kl", "tvd"}
+        t_scratch, s_scratch = self.teacher.scratch, self.student.scratch
         for name, obj in [("distill.objective", self.distill.objective)] + [
             (f"evaluate.baselines.{k}", v) for k, v in self.evaluate.baselines.items()
         ]:
-            if obj.kd_base in same_vocab and self.teacher.scratch and self.student.scratch:
-                t, s = self.teacher.scratch.tokenizer, self.student.scratch.tokenizer
-                if t != s:
-                    raise ValueError(
-                        f"{name}.kd_base {obj.kd_base!r} needs one vocabulary, but the teacher "
-                        f"and student tokenizers differ; use dskd, uld or mined"
-                    )
+            if obj.kd_base not in same_vocab:
+                continue
+            if t_scratch and s_scratch:
+                differ = t_scratch.tokenizer != s_scratch.tokenizer
+            else:
+                # A tokenizer trained on the task never shares a pretrained model's vocabulary.
+                # (Two pretrained models may share one: checked when the tokenizers load.)
+                differ = (t_scratch is None) != (s_scratch is None)
+            if differ:
+                raise ValueError(
+                    f"{name}.kd_base {obj.kd_base!r} needs one vocabulary, but the teacher "
+                    f"and student tokenizers differ; use dskd, uld or mined"
+                )
+        # Every prompt must leave room for a response (prompts are cut to max_prompt_length).
+        limits = [("tokenize.max_length", self.tokenize.max_length)]
+        if self.teacher_sft.enabled:
+            limits.append(("teacher_sft.training.max_length", self.teacher_sft.training.max_length))
+        for key, value in limits:
+            if self.tokenize.max_prompt_length >= value:
+                raise ValueError(
+                    f"tokenize.max_prompt_length ({self.tokenize.max_prompt_length}) leaves no room "
+                    f"for a response within {key} ({value}); lower it or raise {key}"
+                )
         return self
 
     # ------------------------------------------------------------------ derived
@@ -281,25 +298,45 @@ class PipelineConfig(_Section):
 
 
 # --------------------------------------------------------------------------- loading
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _section_of(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the section model a field's annotation holds, whether it sits in a dict or list)."""
+    if _is_model(ann):
+        return ann, False
+    origin = get_origin(ann)
+    args = get_args(ann)
+    if origin in (dict, list) and args:
+        inner, _ = _section_of(args[-1])
+        return inner, inner is not None
+    for cand in args:  # X | None
+        inner, keyed = _section_of(cand)
+        if inner is not None:
+            return inner, keyed
+    return None, False
+
+
 def _known_keys(model: type[BaseModel], path: list[str | int]) -> list[str]:
     """Field names of the section that ``path`` points into (for did-you-mean hints)."""
     current: Any = model
-    for part in path:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+    parts = list(path)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, int) or not _is_model(current):
             return []
         field = current.model_fields.get(part)
         if field is None:
             return []
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", (ann,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                current = cand
-                break
-        else:
+        current, keyed = _section_of(field.annotation)
+        if current is None:
             return []
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+        if keyed:  # evaluate.baselines.<name>: the next part is a key, not a field
+            if not parts:
+                return []
+            parts.pop(0)
+    return list(current.model_fields) if _is_model(current) else []
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -340,26 +377,46 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give a path to a YAML config, e.g. configs/demo.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text: {err}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys, "
+                          f"not a {type(data).__name__}")
     for item in overrides or []:
         apply_override(data, item)
-    cfg = parse_config(data, str(path))
-    return cfg
+    source = str(path) + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    return parse_config(data, source)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``dotted.key=value`` in the raw config mapping; the value is parsed as YAML.
+
+    Missing (or null) sections on the way are created, so ``distill.objective.ot.eps=0.1``
+    works on a config whose ``ot`` is null or absent.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key in {key.strip()!r} (expected key.path=value)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from None
     node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+    node[parts[-1]] = value
 
 
 def config_dump(cfg: PipelineConfig) -> dict[str, Any]:
@@ -369,22 +426,36 @@ def config_dump(cfg: PipelineConfig) -> dict[str, Any]:
 def stage_params(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The config fields a stage reads: what its fingerprint hashes (besides upstream ones)."""
     d = config_dump(cfg)
+    # Each stage lists what it reads itself; what it reads through an upstream artifact is
+    # covered by that artifact's fingerprint. prepare reads the data section and, for models
+    # built from scratch, the tokenizer settings (it trains those tokenizers): a student's
+    # dtype, LoRA rank or the training seed must not rerun prepare and with it the teacher's
+    # SFT and generation.
+    scratch_tokenizers = {
+        side: (d[side]["scratch"]["tokenizer"] if d[side]["scratch"] is not None else None)
+        for side in ("teacher", "student")
+    }
     if stage == "prepare":
-        return {"data": d["data"], "teacher": d["teacher"], "student": d["student"],
-                "seed": cfg.seed}
+        return {"data": d["data"], "scratch_tokenizers": scratch_tokenizers}
     if stage == "teacher_sft":
+        # sft_examples cut prompts at tokenize.max_prompt_length (the sequence length is
+        # teacher_sft.training.max_length, inside teacher_sft).
         return {"teacher": d["teacher"], "teacher_sft": d["teacher_sft"], "seed": cfg.seed,
-                "max_length": cfg.tokenize.max_length}
+                "max_prompt_length": cfg.tokenize.max_prompt_length}
     if stage == "generate":
         return {"generate": d["generate"], "teacher": d["teacher"]}
     if stage == "tokenize":
+        # Pretrained tokenizers are named here; scratch ones come from prepare's artifact.
         return {"tokenize": d["tokenize"], "mined": cfg.needs_mined_alignment(),
-                "cot_requires_input": cfg.data.cot_requires_input}
+                "cot_requires_input": cfg.data.cot_requires_input,
+                "tokenizers": {"teacher": cfg.teacher.pretrained,
+                               "student": cfg.student.pretrained}}
     if stage == "cache_teacher":
         c = dict(d["cache_teacher"])
         c.pop("device")
         c.pop("batch_size")  # does not change what is cached
-        return {"cache_teacher": c, "topk": cfg.needed_topk(), "teacher_dtype": cfg.teacher.dtype}
+        # The teacher is the SFT one (its fingerprint covers the teacher) or the pretrained one.
+        return {"cache_teacher": c, "topk": cfg.needed_topk(), "teacher": d["teacher"]}
     if stage == "distill":
         t = dict(d["distill"]["training"])
         t.pop("device")

@@ -25,19 +25,28 @@ class LoadedSplit:
     skipped: list[str] = field(default_factory=list)  # "line N: reason" of skipped rows
 
 
+class _InvalidLine:
+    """A line of a jsonl file that did not parse (kept in place so line numbers stay right)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 def _check_row(raw: Any) -> str | None:
     if raw is None:
         return "blank line"
-    if isinstance(raw, str) and raw.startswith("<invalid JSON"):
-        return raw.strip("<>")
+    if isinstance(raw, _InvalidLine):
+        return raw.reason
     if not isinstance(raw, dict):
-        return "not a JSON object"
-    missing = [k for k in REQUIRED if k not in raw]
+        return f"not a JSON object (a {type(raw).__name__})"
+    missing = [k for k in REQUIRED if raw.get(k) is None]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
     for k in ("instruction", "output", "input", "rationale"):
         if k in raw and raw[k] is not None and not isinstance(raw[k], str):
             return f"field {k!r} is {type(raw[k]).__name__}, expected a string"
+    if raw.get("id") is not None and not isinstance(raw["id"], (str, int)):
+        return f"field 'id' is {type(raw['id']).__name__}, expected a string or an integer"
     if not raw["output"].strip():
         return "empty 'output'"
     if not raw["instruction"].strip():
@@ -47,7 +56,8 @@ def _check_row(raw: Any) -> str | None:
 
 def normalise_row(raw: dict[str, Any], default_id: str) -> dict[str, Any]:
     row = {
-        "id": str(raw.get("id") or default_id),
+        "id": default_id if raw.get("id") is None or str(raw["id"]).strip() == ""
+        else str(raw["id"]).strip(),
         "instruction": raw["instruction"].strip(),
         "input": (raw.get("input") or "").strip(),
         "output": raw["output"].strip(),
@@ -93,15 +103,20 @@ def read_jsonl(path: str | Path, split: str, on_invalid: str = "error",
     if not path.is_file():
         raise DataError(f"data file not found: {path} (check data.train_path / data.eval_path)")
     raws: list[Any] = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for i, raw_line in enumerate(fh, start=1):
+            try:
+                line = raw_line.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raws.append(_InvalidLine(f"not UTF-8 text ({err.reason} at byte {err.start})"))
+                continue
             if not line.strip():
                 raws.append(None)
                 continue
             try:
                 raws.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raws.append(f"<invalid JSON: {err.msg}>")
+                raws.append(_InvalidLine(f"invalid JSON: {err.msg} (column {err.colno})"))
     return validate_rows(raws_without_blank(raws), str(path), split, on_invalid, limit)
 
 
@@ -115,4 +130,4 @@ def raws_without_blank(raws: list[Any]) -> list[Any]:
 
 def has_cot_form(row: dict[str, Any], cot_requires_input: bool) -> bool:
     """Whether an example gets a CoT form (the paper: only rows with a non-empty input)."""
-    return bool(row.get("input")) or not cot_requires_input
+    return bool(str(row.get("input") or "").strip()) or not cot_requires_input

@@ -9,8 +9,10 @@ given the prompt alone. Layout of one sequence::
     response_mask:   0 ...0 | 1 ...           1
 
 ``bos`` is prepended exactly when the tokenizer itself adds one to a plain encode (Llama-style
-tokenizers do, GPT-2's does not). Offsets are character offsets into ``text = prompt + response``
-(special tokens get an empty span at their position).
+tokenizers do, GPT-2's does not). ``max_prompt_length`` counts every prompt token, ``bos``
+included, as the generation engine's ``max_prompt_tokens`` does: a long prompt keeps ``bos`` and
+its last tokens. Offsets are character offsets into ``text = prompt + response`` (special tokens
+get an empty span at their position).
 """
 from __future__ import annotations
 
@@ -78,15 +80,28 @@ def tokenize_pair(tok: PreTrainedTokenizerBase, example_id: str, form: str, prom
     Too-long prompts lose tokens from the left (the instruction's end and the response header
     stay); too-long responses are cut on the right (and then carry no eos).
     """
+    if tok.eos_token_id is None:
+        raise TokenizerError(
+            f"example {example_id} ({form}): the tokenizer has no eos token to end the "
+            "response with; set tokenizer.eos_token (see check_tokenizer)"
+        )
+    if max_prompt_length < 1:
+        raise TokenizerError(
+            f"example {example_id} ({form}): max_prompt_length must be at least 1, got "
+            f"{max_prompt_length} (tokenize.max_prompt_length)"
+        )
     p_ids, p_off = _encode(tok, prompt)
     r_ids, r_off = _encode(tok, response)
     shift = len(prompt)
     r_off = [(a + shift, b + shift) for a, b in r_off]
     truncated = False
-    if len(p_ids) > max_prompt_length:
-        p_ids, p_off = p_ids[-max_prompt_length:], p_off[-max_prompt_length:]
-        truncated = True
     bos = [tok.bos_token_id] if _adds_bos(tok) else []
+    if len(bos) + len(p_ids) > max_prompt_length:
+        if max_prompt_length < 2:
+            bos = []  # no room for bos and a prompt token: keep the last token (as generation does)
+        keep = max_prompt_length - len(bos)
+        p_ids, p_off = p_ids[len(p_ids) - keep:], p_off[len(p_off) - keep:]
+        truncated = True
     bos_off = [(p_off[0][0] if p_off else 0,) * 2] if bos else []
     r_ids = r_ids + [tok.eos_token_id]
     r_off = r_off + [(len(prompt) + len(response),) * 2]
@@ -95,7 +110,8 @@ def tokenize_pair(tok: PreTrainedTokenizerBase, example_id: str, form: str, prom
         raise TokenizerError(
             f"example {example_id} ({form}): max_length {max_length} leaves no room for a "
             f"response after a {len(bos) + len(p_ids)}-token prompt; raise tokenize.max_length "
-            "or lower tokenize.max_prompt_length"
+            "(teacher_sft.training.max_length for the teacher's SFT) or lower "
+            "tokenize.max_prompt_length below it"
         )
     if len(r_ids) > room:
         r_ids, r_off = r_ids[:room], r_off[:room]
