@@ -112,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from cot2align_core.config import ConfigError
     from cot2align_core.data import DataError
+    from cot2align_core.tokenization import TokenizerError
+    from storage.errors import StoreError
     from tasks.common import StageError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, StageError) as err:
+    except (ConfigError, DataError, StageError, TokenizerError, StoreError,
+            FileNotFoundError) as err:
+        # Problems with the user's inputs: the message says what to fix; no traceback.
         print(f"cot2align: error: {err}", file=sys.stderr)
         return 2
 

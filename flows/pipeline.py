@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from cot2align_core.config import STAGES, load_config
 from storage.store import ArtifactStore
 from tasks import STAGE_TASKS
-from tasks.common import StageRef, baseline_configs, logger, plan, upstream_refs
+from tasks.common import StageRef, baseline_configs, logger, plan, preflight, upstream_refs
 
 
 def _store(cfg) -> ArtifactStore:
@@ -36,6 +36,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
                   force: list[str] | None = None) -> dict[str, dict]:
     """Run every stage of the config in order; finished stages are reused, not recomputed."""
     cfg = load_config(config_path, overrides)
+    preflight(cfg)
     store = _store(cfg)
     fps = plan(cfg)
     force = set(force or [])
@@ -69,6 +70,7 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
                      force: bool = False) -> dict:
     """Run one stage against the existing upstream artifacts of the config."""
     cfg = load_config(config_path, overrides)
+    preflight(cfg)
     store = _store(cfg)
     fps = plan(cfg)
     ups = upstream_refs(store, cfg, stage, fps)

@@ -177,3 +177,25 @@ def load_side_tokenizer(cfg: PipelineConfig, side: str, upstream: dict[str, Stag
             "positions are masked out of every loss. Set tokenizer.pad_token to silence this.",
             side, tok.eos_token_id)
     return tok
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that fail in seconds what would otherwise fail deep inside a stage."""
+    import os
+
+    from cot2align_core.data import DataError
+
+    for key in ("train_path", "eval_path"):
+        path = getattr(cfg.data, key)
+        if cfg.data.source == "jsonl" and path and not os.path.isfile(os.path.expandvars(path)):
+            raise DataError(f"data.{key}: file not found: {path} (run from the directory the "
+                            "path is relative to, or give an absolute path)")
+    for side, model in (("teacher", cfg.teacher), ("student", cfg.student)):
+        ref = model.pretrained
+        if ref is None:
+            continue
+        looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1
+        if looks_like_path and not os.path.exists(os.path.expanduser(ref)):
+            raise StageError(
+                f"{side}.pretrained: {ref!r} does not exist. Give a folder written by "
+                "save_pretrained, or a hub id (org/name) cached on this machine.")

@@ -96,9 +96,14 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         with_teacher = weights.uses_kd or weights.uses_ot
         dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path),
                                                 cache if with_teacher else None)
-        model = build_model_for(cfg, "student", tok, device)
         embed, head = teacher_tensors(cache, device)
-        objective = build_objective(cfg, upstream, model.config.hidden_size, embed.shape[1]).to(device)
+        # Initialisation from the config's seed, not from whatever the process's global RNG
+        # went through before (a pipeline run and a single-stage run must train the same).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model_for(cfg, "student", tok, device)
+            objective = build_objective(cfg, upstream, model.config.hidden_size,
+                                        embed.shape[1]).to(device)
         pad = pad_token_id(tok)
 
         def loss_fn(m, batch):

@@ -107,8 +107,10 @@ def generate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         if len(todo) < len(shards):
             logger().info("generate: %d of %d shards already done, resuming",
                           len(shards) - len(todo), len(shards))
+        used = "none (all shards done)"
         if todo:
             backend = open_backend(cfg, teacher_model_path(cfg, upstream), cfg.generate.backend)
+            used = type(backend).__name__
             try:
                 with Progress(len(todo), "generate: rationale shards") as bar:
                     for name in todo:
@@ -120,6 +122,6 @@ def generate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         kept = sum(s.info.get("kept", 0) for s in w.shard_records())
         total = sum(s.rows for s in w.shard_records())
         return {"examples": len(rows), "rationales": total, "kept": kept,
-                "filtered": total - kept, "backend": cfg.generate.backend}
+                "filtered": total - kept, "backend": used}
 
     return run_stage(cfg, "generate", fp, upstream, body, force=force)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
+
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -105,7 +107,9 @@ def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef
         t = cfg.teacher_sft.training
         device = resolve_device(t.device)
         examples = sft_examples(read_rows(prep, "train"), tok, cfg)
-        model = build_model_for(cfg, "teacher", tok, device)
+        with torch.random.fork_rng(devices=[]):  # init from the seed (LoRA adapters too)
+            torch.manual_seed(cfg.seed)
+            model = build_model_for(cfg, "teacher", tok, device)
         pad = pad_token_id(tok)
         ckpt = w.file_path("checkpoints")
         result = train(model, sft_loss, examples, collate_fn=lambda rows: collate_sft(rows, pad),

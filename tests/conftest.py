@@ -53,3 +53,11 @@ def dolly_dir(shared_dir) -> Path:
     if not (path / "dev.jsonl").is_file():
         pytest.skip(f"Dolly split not found under {path}")
     return path
+
+
+def pytest_configure(config):
+    # One intra-op thread: tiny models run faster without thread hand-offs, results do not
+    # depend on the machine's core count, and subprocesses get OMP_NUM_THREADS=1 to match.
+    import torch
+
+    torch.set_num_threads(1)
