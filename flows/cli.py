@@ -42,11 +42,21 @@ def _print_summary(results: dict[str, dict], seconds: float) -> None:
     print(f"total wall time: {seconds:.1f} s")
 
 
+def _check(config: str, overrides) -> None:
+    """Validate the config and its paths before a flow (and a server) starts."""
+    from cot2align_core.config import load_config
+    from tasks.common import preflight
+
+    preflight(load_config(config, overrides))
+
+
 def _cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
 
     t0 = time.time()
-    results = pipeline_flow(args.config or _default_config(), args.set or None, args.force or None)
+    config = args.config or _default_config()
+    _check(config, args.set)
+    results = pipeline_flow(config, args.set or None, args.force or None)
     _print_summary(results, time.time() - t0)
     return 0
 
@@ -55,6 +65,7 @@ def _cmd_stage(args) -> int:
     from flows.pipeline import STAGE_FLOWS
 
     t0 = time.time()
+    _check(args.config, args.set)
     results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force)
     _print_summary(results, time.time() - t0)
     return 0

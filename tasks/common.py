@@ -190,6 +190,7 @@ def preflight(cfg: PipelineConfig) -> None:
         if cfg.data.source == "jsonl" and path and not os.path.isfile(os.path.expandvars(path)):
             raise DataError(f"data.{key}: file not found: {path} (run from the directory the "
                             "path is relative to, or give an absolute path)")
+    ArtifactStore(cfg.store).check_writable()
     for side, model in (("teacher", cfg.teacher), ("student", cfg.student)):
         ref = model.pretrained
         if ref is None:

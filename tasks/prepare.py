@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from cot2align_core.config import PipelineConfig
 from cot2align_core.data import LoadedSplit, read_jsonl, validate_rows
 from tasks.common import StageRef, logger
-from tasks.stage import run_stage
+from tasks.stage import open_store, run_stage
 
 ROWS_SCHEMA = pa.schema([
     ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
@@ -58,8 +58,10 @@ def read_rows(artifact, split: str) -> list[dict]:
 @task(name="prepare", cache_policy=NONE)
 def prepare_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
                   force: bool = False) -> StageRef:
+    # Rows are read and validated before the artifact is opened: bad data leaves no trace.
+    splits = None if (open_store(cfg).get("prepare", fp) and not force) else load_splits(cfg)
+
     def body(w) -> dict:
-        splits = load_splits(cfg)
         summary = {}
         for name, split in splits.items():
             w.write_shard(name, rows_table(split.rows))

@@ -23,8 +23,22 @@ def prefect_api_url(tmp_path_factory):
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # Start with the process's real streams: Prefect's console log handler keeps the stream it
+    # was created with, and a test's capsys stream is closed when that test ends.
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        harness = prefect_test_harness(server_startup_timeout=120)
+        harness.__enter__()
+        from prefect.logging.configuration import setup_logging
+
+        setup_logging(incremental=False)
+    finally:
+        sys.stdout, sys.stderr = saved
+    try:
         yield str(get_current_settings().api.url)
+    finally:
+        harness.__exit__(None, None, None)
 
 
 def tiny_config_dict(store: Path) -> dict:
