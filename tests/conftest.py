@@ -56,6 +56,11 @@ def dolly_dir(shared_dir) -> Path:
 
 
 def pytest_configure(config):
+    # rouge_score imports absl.logging, which puts a handler on the root logger bound to the
+    # sys.stderr of the moment; imported inside a test that captures output, that stream is
+    # closed after the test and every later log record fails. Import it once, up front.
+    import rouge_score.rouge_scorer  # noqa: F401
+
     # One intra-op thread: tiny models run faster without thread hand-offs, results do not
     # depend on the machine's core count, and subprocesses get OMP_NUM_THREADS=1 to match.
     import torch
