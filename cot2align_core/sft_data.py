@@ -1,29 +1,16 @@
 """SFT examples: a row in one form -> token ids of prompt + response, and the prompt length.
 
-The prompt is encoded with the tokenizer's special tokens (`<s>` in front, exactly what
-generation and vLLM feed the model), the response without them, followed by `</s>`. Prompt
-and response are encoded separately so that the boundary never moves with the tokenizer:
-the model is trained on the same prompt ids that it is later given to generate from.
+Encoding is :func:`cot2align_core.tokenization.tokenize_pair`'s (prompt and response encoded
+separately, the tokenizer's bos in front when it adds one, eos after the response), so the model
+is trained on the same prompt ids it is later given to generate from, and the teacher's SFT
+sees exactly the tokenisation of the tokenize stage.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
 from cot2align_core.prompts import FORMS, format_row
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as the model sees them when generating (`<s>` + prompt)."""
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-
-def encode_example(tokenizer, prompt: str, response: str, *, add_eos: bool = True) -> dict:
-    """{"input_ids": prompt ids + response ids (+ eos), "prompt_len": len(prompt ids)}."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if add_eos:
-        response_ids.append(tokenizer.eos_token_id)
-    return {"input_ids": prompt_ids + response_ids, "prompt_len": len(prompt_ids)}
+from cot2align_core.tokenization import tokenize_pair
 
 
 def build_sft_examples(
@@ -31,7 +18,8 @@ def build_sft_examples(
     tokenizer,
     forms: Iterable[str] = FORMS,
     *,
-    max_length: int | None = None,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
     rationales: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """One example per (row, form): {"id", "form", "input_ids", "prompt_len"}.
@@ -39,8 +27,8 @@ def build_sft_examples(
     forms: "standard" (Alpaca prompt -> answer) and/or "cot" (CoT prompt -> rationale +
     "Therefore, the answer is: " + answer). The CoT form uses `rationales[row["id"]]` when
     given (the teacher's), else the row's own `rationale`; rows without one get no CoT form.
-    Examples longer than `max_length` tokens are dropped (a truncated response would teach
-    the model to stop mid-sentence).
+    Examples that do not fit `max_length` / `max_prompt_length` are dropped (a truncated
+    response would teach the model to stop mid-sentence).
     """
     forms = tuple(forms)
     for form in forms:
@@ -54,11 +42,12 @@ def build_sft_examples(
                 rationale = (rationales or {}).get(row["id"], row.get("rationale"))
                 if not rationale:
                     continue
-            prompt, response = format_row(row, form, rationale)
-            example = encode_example(tokenizer, prompt, response)
-            if max_length is not None and len(example["input_ids"]) > max_length:
+            ex = tokenize_pair(tokenizer, row["id"], form, *format_row(row, form, rationale),
+                               max_length=max_length, max_prompt_length=max_prompt_length)
+            if ex.truncated:
                 continue
-            examples.append({"id": row["id"], "form": form, **example})
+            examples.append({"id": ex.id, "form": form, "input_ids": ex.input_ids,
+                             "prompt_len": ex.prompt_tokens})
     return examples
 
 

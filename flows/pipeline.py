@@ -16,6 +16,13 @@ from tasks import STAGE_TASKS
 from tasks.common import StageRef, baseline_configs, logger, plan, preflight, upstream_refs
 
 
+def _threads(cfg) -> None:
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
 def _store(cfg) -> ArtifactStore:
     store = ArtifactStore(cfg.store)
     store.check_writable()
@@ -37,6 +44,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
     """Run every stage of the config in order; finished stages are reused, not recomputed."""
     cfg = load_config(config_path, overrides)
     preflight(cfg)
+    _threads(cfg)
     store = _store(cfg)
     fps = plan(cfg)
     force = set(force or [])
@@ -48,7 +56,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
             for name, variant in baseline_configs(cfg).items():
                 key = f"distill:{name}"
                 refs[key] = STAGE_TASKS["distill"](variant, fps[key], _ups(refs, variant, "distill"),
-                                                   force="distill" in force)
+                                                   force="distill" in force, label=key)
         refs[stage] = STAGE_TASKS[stage](cfg, fps[stage], _ups(refs, cfg, stage),
                                          force=stage in force)
     store.record_run(cfg.name, {k: r.fingerprint for k, r in refs.items()})
@@ -71,6 +79,7 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
     """Run one stage against the existing upstream artifacts of the config."""
     cfg = load_config(config_path, overrides)
     preflight(cfg)
+    _threads(cfg)
     store = _store(cfg)
     fps = plan(cfg)
     ups = upstream_refs(store, cfg, stage, fps)
@@ -78,7 +87,9 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
     if stage == "distill":
         for name, variant in baseline_configs(cfg).items():
             key = f"distill:{name}"
-            refs[key] = STAGE_TASKS["distill"](variant, fps[key], upstream_refs(store, variant, "distill", fps), force=force)
+            refs[key] = STAGE_TASKS["distill"](variant, fps[key],
+                                               upstream_refs(store, variant, "distill", fps),
+                                               force=force, label=key)
     refs[stage] = STAGE_TASKS[stage](cfg, fps[stage], ups, force=force)
     logger().info("stage %s: %s", stage, refs[stage].path)
     return {k: r.to_dict() for k, r in refs.items()}

@@ -230,7 +230,8 @@ def inspect_artifact(fs: LocalFS, path: str, rows: int = 3,
                 entry["samples"] = _sample_rationales(batch)
             elif table_kind == "tokenized":
                 if kind not in tokenizers:
-                    tdir = tokenizer_dir or find_tokenizer_dir(meta.get("params") or {}, kind)
+                    named = {**(meta.get("params") or {}), **(meta.get("info") or {})}
+                    tdir = tokenizer_dir or find_tokenizer_dir(named, kind)
                     tokenizers[kind], note = _load_tokenizer(tdir)
                     entry["tokenizer"] = tdir if tokenizers[kind] is not None else None
                     if note:

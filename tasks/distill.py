@@ -77,8 +77,8 @@ def _to(batch, device):
 
 @task(name="distill", cache_policy=NONE)
 def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
-                  force: bool = False) -> StageRef:
-    label = "distill" if not cfg.evaluate.baselines or cfg.distill.objective == cfg.distill.objective else "distill"
+                  force: bool = False, label: str = "distill") -> StageRef:
+    """``label`` names the student in logs and Prefect artifacts (``distill:<baseline>``)."""
 
     def body(w) -> dict:
         import pyarrow as pa
@@ -118,7 +118,7 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         result = train(model, loss_fn, dataset,
                        collate_fn=lambda items: collate_distill(items, pad, with_teacher=with_teacher),
                        extra_param_groups=extra, checkpoint_dir=ckpt,
-                       on_log=log_every_n("distill"), **train_kwargs(t, cfg.seed))
+                       on_log=log_every_n(label), **train_kwargs(t, cfg.seed))
         if cfg.student.lora_rank:
             from cot2align_core.lora import merge_lora
 

@@ -21,7 +21,7 @@ from cot2align_core.config import PipelineConfig
 from cot2align_core.metrics import exact_match, rouge_l, summarize
 from cot2align_core.prompts import cot_prompt, standard_prompt
 from storage.store import open_artifact
-from tasks.common import StageRef, logger, resolve_device, teacher_model_path
+from tasks.common import StageRef, logger, resolve_device, teacher_model_path, tokenizer_path
 from tasks.generate import split_rationale
 from tasks.prepare import read_rows
 from tasks.stage import Progress, run_stage
@@ -126,10 +126,9 @@ def transport_plan_figure(cfg: PipelineConfig, upstream: dict[str, StageRef], ou
     plan = objective.transport_plan(model, student[form], teacher[form], layer="last")
     s = item[form]
     s_ids = s["input_ids"][s["prompt_tokens"]:].tolist()
-    t_tok = load_tokenizer(teacher_model_path(cfg, upstream)) if "teacher_sft" in upstream else None
-    t_ids = s["teacher_target_ids"].tolist()
+    t_tok = load_tokenizer(tokenizer_path(cfg, "teacher", upstream))
     s_tokens = tok.convert_ids_to_tokens(s_ids)[: plan.shape[0]]
-    t_tokens = (t_tok.convert_ids_to_tokens(t_ids) if t_tok else [str(i) for i in t_ids])[: plan.shape[1]]
+    t_tokens = t_tok.convert_ids_to_tokens(s["teacher_target_ids"].tolist())[: plan.shape[1]]
     plot_transport_plan(plan.cpu(), s_tokens, t_tokens, out_png,
                         title=f"OT plan (last layer), example {item['id']}, {form} form")
     return True
@@ -198,7 +197,11 @@ def evaluate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         report_dir = w.file_path("report")
         report_dir.mkdir(parents=True, exist_ok=True)
         images = {}
-        plot_loss_curves(histories(upstream), report_dir / "loss_curves.png", terms="all")
+        runs = histories(upstream)
+        present = {k for h in runs.values() for rec in h for k in rec}
+        terms = [t for t in ("ce", "kd", "ot", "ot/main/cot-cot/last", "ot/cross_a/standard-cot/last",
+                             "ot/cross_b/cot-standard/last") if t in present]
+        plot_loss_curves(runs, report_dir / "loss_curves.png", terms=terms)
         images["Training loss"] = report_dir / "loss_curves.png"
         results = {}
         for r in table:

@@ -17,10 +17,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig, TrainingConfig
-from cot2align_core.prompts import format_row
-from cot2align_core.tokenization import pad_token_id, tokenize_pair
+from cot2align_core.sft_data import build_sft_examples
+from cot2align_core.tokenization import pad_token_id
 from storage.store import open_artifact
-from tasks.common import StageRef, load_side_tokenizer, logger, resolve_device
+from tasks.common import StageError, StageRef, load_side_tokenizer, logger, resolve_device
 from tasks.prepare import read_rows
 from tasks.stage import kill_point, run_stage
 
@@ -45,20 +45,6 @@ def build_model_for(cfg: PipelineConfig, side: str, tokenizer, device: str):
     return model
 
 
-def sft_examples(rows: list[dict], tok, cfg: PipelineConfig, forms=("standard", "cot")) -> list[dict]:
-    out = []
-    t = cfg.tokenize
-    for row in rows:
-        for form in forms:
-            if form == "cot" and not (cfg.teacher_sft.use_gold_rationales and row.get("rationale")):
-                continue
-            ex = tokenize_pair(tok, row["id"], form, *format_row(row, form),
-                               max_length=cfg.teacher_sft.training.max_length,
-                               max_prompt_length=t.max_prompt_length)
-            out.append({"id": ex.id, "input_ids": ex.input_ids, "prompt_len": ex.prompt_tokens})
-    return out
-
-
 def train_kwargs(t: TrainingConfig, seed: int) -> dict:
     return dict(batch_size=t.batch_size, lr=t.lr, steps=t.steps, epochs=t.epochs,
                 weight_decay=t.weight_decay, grad_clip=t.grad_clip, schedule=t.schedule,
@@ -74,8 +60,10 @@ def log_every_n(label: str, n: int = 50):
     def on_log(rec: dict) -> None:
         kill_point(stage, "step", rec["step"])
         if rec["step"] % n == 0 or rec["step"] == 1:
+            # Top-level terms only; the per-form, per-pair breakdown is in the loss history.
             terms = " ".join(f"{k}={v:.4f}" for k, v in rec.items()
-                             if k not in ("step", "epoch", "seconds", "lr") and isinstance(v, float))
+                             if k not in ("step", "epoch", "seconds", "lr") and "/" not in k
+                             and isinstance(v, float))
             log.info("%s step %d epoch %d lr %.2e %s", label, rec["step"], rec["epoch"], rec["lr"], terms)
 
     return on_log
@@ -106,7 +94,13 @@ def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef
         tok = load_side_tokenizer(cfg, "teacher", upstream)
         t = cfg.teacher_sft.training
         device = resolve_device(t.device)
-        examples = sft_examples(read_rows(prep, "train"), tok, cfg)
+        forms = ("standard", "cot") if cfg.teacher_sft.use_gold_rationales else ("standard",)
+        examples = build_sft_examples(read_rows(prep, "train"), tok, forms,
+                                      max_length=t.max_length,
+                                      max_prompt_length=cfg.tokenize.max_prompt_length)
+        if not examples:
+            raise StageError("teacher_sft: no training example fits teacher_sft.training."
+                             "max_length / tokenize.max_prompt_length; raise them")
         with torch.random.fork_rng(devices=[]):  # init from the seed (LoRA adapters too)
             torch.manual_seed(cfg.seed)
             model = build_model_for(cfg, "teacher", tok, device)

@@ -16,7 +16,7 @@ from cot2align_core.prompts import format_row
 from cot2align_core.tokenization import TokenizedExample, response_ids, tokenize_pair
 from storage.schemas import tokenized_table
 from storage.store import open_artifact
-from tasks.common import StageRef, load_side_tokenizer
+from tasks.common import StageRef, load_side_tokenizer, tokenizer_path
 from tasks.prepare import read_rows
 from tasks.stage import Progress, run_stage
 
@@ -38,6 +38,12 @@ def example_forms(rows: list[dict], rationales: dict[str, str]) -> list[tuple[di
         if row["id"] in rationales:
             out.append((row, "cot", rationales[row["id"]]))
     return out
+
+
+def _abs(path: str) -> str:
+    import os
+
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 def as_row(ex: TokenizedExample) -> dict:
@@ -81,6 +87,8 @@ def tokenize_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         rationales = chosen_rationales(open_artifact(upstream["generate"].path))
         items = example_forms(rows, rationales)
         toks = {side: load_side_tokenizer(cfg, side, upstream) for side in ("teacher", "student")}
+        # Where the tokenizers are, for `cot2align inspect` (info is not fingerprinted).
+        w.info["tokenizers"] = {side: _abs(tokenizer_path(cfg, side, upstream)) for side in toks}
         size = cfg.tokenize.shard_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         mined = cfg.needs_mined_alignment()

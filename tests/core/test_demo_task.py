@@ -14,7 +14,7 @@ from cot2align_core.demo_task import (
     make_demo_rows,
 )
 from cot2align_core.modeling import train_tokenizer
-from cot2align_core.sft_data import build_sft_examples, encode_prompt, tokenizer_corpus
+from cot2align_core.sft_data import build_sft_examples, tokenizer_corpus
 
 
 def _evaluate(expression: str) -> int:
@@ -135,13 +135,14 @@ def test_sft_examples_mark_the_response_and_end_with_eos(tmp_path):
     for ex, row in zip(examples, [r for r in rows for _ in range(2)]):
         prompt, response = prompts.format_row(row, ex["form"])
         ids, p = ex["input_ids"], ex["prompt_len"]
-        assert ids[:p] == encode_prompt(tok, prompt) and ids[0] == tok.bos_token_id
+        # the prompt ids are what a generation engine is given: tok(prompt) with bos
+        assert ids[:p] == tok(prompt)["input_ids"] and ids[0] == tok.bos_token_id
         assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids[p:-1]) == response
     # the teacher's rationales replace the gold ones; too long examples are dropped
     other = build_sft_examples(rows[:2], tok, ["cot"], rationales={rows[0]["id"]: "1 + 1 = 2"})
     assert tok.decode(other[0]["input_ids"][other[0]["prompt_len"] : -1]).startswith("1 + 1 = 2\n")
-    assert build_sft_examples(rows[:5], tok, max_length=5) == []
+    assert build_sft_examples(rows[:5], tok, ["cot"], max_length=12) == []
 
 
 def test_demo_defaults_match_the_generator_defaults():

@@ -178,3 +178,22 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tiny_run, prefect_ap
         for name in names:
             assert (Path(a.path) / f"{name}.parquet").read_bytes() == \
                    (Path(b.path) / f"{name}.parquet").read_bytes(), name
+
+
+def test_cli_inspects_verifies_and_lists_pipeline_artifacts(tiny_run, capsys):
+    from flows.cli import main
+
+    config, results, store = tiny_run
+    assert main(["inspect", results["tokenize"]["path"], "--json", "--rows", "2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    text = json.dumps(info)
+    assert "Ġ" in text or "▁" in text or "<s>" in text  # ids decoded by the stage's tokenizers
+    assert main(["inspect", results["cache_teacher"]["path"]]) == 0
+    out = capsys.readouterr().out
+    assert "std" in out and "cache-00000" in out
+    assert main(["verify", results["distill"]["path"]]) == 0
+    assert main(["ls", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert all(r["fingerprint"] in listing for r in results.values())
+    assert main(["plan", str(config)]) == 0
+    assert all(line.endswith("complete") for line in capsys.readouterr().out.strip().splitlines())
