@@ -9,8 +9,6 @@ vLLM), ``objective.pt`` (the learned projector / DSKD attention) and the loss hi
 """
 from __future__ import annotations
 
-import shutil
-
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
@@ -19,7 +17,7 @@ from cot2align_core.config import ObjectiveConfig, PipelineConfig
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, resolve_device
 from tasks.stage import run_stage
-from tasks.teacher_sft import build_model_for, log_every_n, train_kwargs
+from tasks.training_run import build_model_for, seeded, train_and_save
 
 
 def objective_weights(o: ObjectiveConfig):
@@ -81,11 +79,8 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
     """``label`` names the student in logs and Prefect artifacts (``distill:<baseline>``)."""
 
     def body(w) -> dict:
-        import pyarrow as pa
-
         from cot2align_core.batching import collate_distill
         from cot2align_core.tokenization import pad_token_id
-        from cot2align_core.training import train
         from storage.distill_dataset import DistillDataset
 
         t = cfg.distill.training
@@ -97,10 +92,7 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path),
                                                 cache if with_teacher else None)
         embed, head = teacher_tensors(cache, device)
-        # Initialisation from the config's seed, not from whatever the process's global RNG
-        # went through before (a pipeline run and a single-stage run must train the same).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):
             model = build_model_for(cfg, "student", tok, device)
             objective = build_objective(cfg, upstream, model.config.hidden_size,
                                         embed.shape[1]).to(device)
@@ -114,23 +106,13 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         if objective.projector_parameters():
             extra = [{"params": objective.projector_parameters(),
                       "lr": cfg.distill.objective.projector_lr}]
-        ckpt = w.file_path("checkpoints")
-        result = train(model, loss_fn, dataset,
-                       collate_fn=lambda items: collate_distill(items, pad, with_teacher=with_teacher),
-                       extra_param_groups=extra, checkpoint_dir=ckpt,
-                       on_log=log_every_n(label), **train_kwargs(t, cfg.seed))
-        if cfg.student.lora_rank:
-            from cot2align_core.lora import merge_lora
-
-            merge_lora(model)
-        out = w.file_path("model")
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        w.add_file("model")
+        result = train_and_save(
+            w, model, tok, loss_fn, dataset,
+            lambda items: collate_distill(items, pad, with_teacher=with_teacher),
+            t=t, seed=cfg.seed, label=label, lora=bool(cfg.student.lora_rank),
+            extra_param_groups=extra)
         torch.save(objective.state_dict(), w.file_path("objective.pt"))
         w.add_file("objective.pt")
-        w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
-        shutil.rmtree(ckpt, ignore_errors=True)
         last = result.history[-1] if result.history else {}
         return {"examples": len(dataset), "steps": result.steps_done,
                 "final_loss": round(float(last.get("loss", float("nan"))), 4),
