@@ -86,10 +86,12 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
-        if self._artifact is not None:
+        percent = int(100 * self.done / self.total)
+        if self._artifact is not None and percent != getattr(self, "_percent", None):
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self._artifact, 100.0 * self.done / self.total)
+            self._percent = percent  # one API call per whole percent, not per step
+            update_progress_artifact(self._artifact, float(percent))
 
     def close(self) -> None:
         self.bar.close()

@@ -76,10 +76,21 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     state) are removed once the result is saved. Returns the TrainResult."""
     from cot2align_core.training import train
 
+    import math
+
+    from tasks.stage import Progress
+
     ckpt = w.file_path("checkpoints")
-    result = train(model, loss_fn, data, collate_fn=collate_fn,
-                   extra_param_groups=extra_param_groups, checkpoint_dir=ckpt,
-                   on_log=log_every_n(label), **train_kwargs(t, seed))
+    total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
+    log = log_every_n(label)
+    with Progress(total, f"{label}: training steps") as bar:
+        def on_log(rec: dict) -> None:
+            log(rec)
+            bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
+
+        result = train(model, loss_fn, data, collate_fn=collate_fn,
+                       extra_param_groups=extra_param_groups, checkpoint_dir=ckpt,
+                       on_log=on_log, **train_kwargs(t, seed))
     if lora:
         from cot2align_core.lora import merge_lora
 
