@@ -81,16 +81,6 @@ def _build_model(out, *, hidden=128, heads=2, seed=0):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The tiny model gains nothing from intra-op threads, and on a shared 2-core machine OMP
-    # spin-waiting under contention made these tests several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return _build_model(tmp_path_factory.mktemp("tiny_llama"))

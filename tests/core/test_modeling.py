@@ -19,14 +19,6 @@ from cot2align_core.prompts import format_cot, format_standard
 from cot2align_core.sft_data import tokenizer_corpus
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus():
     return tokenizer_corpus(make_demo_rows(200, seed=0))

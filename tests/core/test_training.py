@@ -25,15 +25,6 @@ from cot2align_core.training import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyLM(torch.nn.Module):
     """A causal LM small enough for many steps per second, with dropout (uses the RNG)."""
 
