@@ -285,18 +285,20 @@ class PipelineConfig(_Section):
         return self
 
     # ------------------------------------------------------------------ derived
+    def objectives(self) -> list[ObjectiveConfig]:
+        """The distill objectives this config trains: the main one and each baseline's."""
+        return [self.distill.objective, *self.evaluate.baselines.values()]
+
     def needed_topk(self) -> int:
         """Top-k teacher logits the KD bases of the main objective and baselines need."""
         if self.cache_teacher.topk is not None:
             return self.cache_teacher.topk
-        objectives = [self.distill.objective, *self.evaluate.baselines.values()]
-        needs = any(o.alpha > 0 and o.kd_base not in ("none", "dskd") for o in objectives)
+        needs = any(o.alpha > 0 and o.kd_base not in ("none", "dskd") for o in self.objectives())
         return 64 if needs else 0
 
     def needs_mined_alignment(self) -> bool:
-        objectives = [self.distill.objective, *self.evaluate.baselines.values()]
         return self.tokenize.mined_alignment or any(
-            o.alpha > 0 and o.kd_base == "mined" for o in objectives
+            o.alpha > 0 and o.kd_base == "mined" for o in self.objectives()
         )
 
 

@@ -11,9 +11,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from cot2align_core.config import STAGES, load_config
-from storage.store import ArtifactStore
 from tasks import STAGE_TASKS
-from tasks.common import StageRef, baseline_configs, logger, plan, preflight, upstream_refs
+from tasks.common import (StageRef, baseline_configs, logger, plan, preflight, upstream_of,
+                          upstream_refs)
+from tasks.stage import open_store
 
 
 def _threads(cfg) -> None:
@@ -21,12 +22,6 @@ def _threads(cfg) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-
-
-def _store(cfg) -> ArtifactStore:
-    store = ArtifactStore(cfg.store)
-    store.check_writable()
-    return store
 
 
 def _summary_markdown(cfg, refs: dict[str, StageRef]) -> str:
@@ -45,7 +40,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
     cfg = load_config(config_path, overrides)
     preflight(cfg)
     _threads(cfg)
-    store = _store(cfg)
+    store = open_store(cfg)
     fps = plan(cfg)
     force = set(force or [])
     refs: dict[str, StageRef] = {}
@@ -55,23 +50,16 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
         if stage == "evaluate":
             for name, variant in baseline_configs(cfg).items():
                 key = f"distill:{name}"
-                refs[key] = STAGE_TASKS["distill"](variant, fps[key], _ups(refs, variant, "distill"),
-                                                   force="distill" in force, label=key)
-        refs[stage] = STAGE_TASKS[stage](cfg, fps[stage], _ups(refs, cfg, stage),
+                refs[key] = STAGE_TASKS["distill"](
+                    variant, fps[key], {u: refs[u] for u in upstream_of(variant, "distill")},
+                    force="distill" in force, label=key)
+        refs[stage] = STAGE_TASKS[stage](cfg, fps[stage],
+                                         {u: refs[u] for u in upstream_of(cfg, stage)},
                                          force=stage in force)
     store.record_run(cfg.name, {k: r.fingerprint for k, r in refs.items()})
     create_markdown_artifact(_summary_markdown(cfg, refs), key="cot2align-run-summary",
                              description=f"cot2align pipeline run of {cfg.name}")
     return {k: r.to_dict() for k, r in refs.items()}
-
-
-def _ups(refs: dict[str, StageRef], cfg, stage: str) -> dict[str, StageRef]:
-    from tasks.common import upstream_of
-
-    out = {u: refs[u] for u in upstream_of(cfg, stage)}
-    if stage == "evaluate":
-        out.update({k: v for k, v in refs.items() if k.startswith("distill:")})
-    return out
 
 
 def run_single_stage(stage: str, config_path: str, overrides: list[str] | None = None,
@@ -80,7 +68,7 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
     cfg = load_config(config_path, overrides)
     preflight(cfg)
     _threads(cfg)
-    store = _store(cfg)
+    store = open_store(cfg)
     fps = plan(cfg)
     ups = upstream_refs(store, cfg, stage, fps)
     refs: dict[str, StageRef] = {}

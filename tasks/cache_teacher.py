@@ -56,8 +56,7 @@ def teacher_rows(model, rows: list[dict], *, layers: list[int], dtype: torch.dty
 
 
 def needs_head(cfg: PipelineConfig) -> bool:
-    objectives = [cfg.distill.objective, *cfg.evaluate.baselines.values()]
-    return any(o.alpha > 0 and o.kd_base == "dskd" for o in objectives)
+    return any(o.alpha > 0 and o.kd_base == "dskd" for o in cfg.objectives())
 
 
 @task(name="cache-teacher-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)

@@ -44,8 +44,10 @@ class StageRef:
 
 
 def upstream_of(cfg: PipelineConfig, stage: str) -> list[str]:
-    """The stages whose artifacts ``stage`` reads, in this config."""
+    """The stages whose artifacts ``stage`` reads, in this config (``distill:<name>`` is the
+    student of evaluation baseline ``name``)."""
     sft = ["teacher_sft"] if cfg.teacher_sft.enabled else []
+    baselines = [f"distill:{name}" for name in cfg.evaluate.baselines]
     return {
         "prepare": [],
         "teacher_sft": ["prepare"],
@@ -53,7 +55,7 @@ def upstream_of(cfg: PipelineConfig, stage: str) -> list[str]:
         "tokenize": ["prepare", "generate"],
         "cache_teacher": ["prepare", "tokenize", *sft],
         "distill": ["prepare", "tokenize", "cache_teacher"],
-        "evaluate": ["prepare", *sft, "distill"],
+        "evaluate": ["prepare", *sft, "distill", *baselines],
     }[stage]
 
 
@@ -71,9 +73,8 @@ def plan(cfg: PipelineConfig) -> dict[str, str]:
         fps[f"distill:{name}"] = fingerprint(
             "distill", stage_params(variant, "distill"),
             {u: fps[u] for u in upstream_of(variant, "distill")}, STAGE_VERSIONS["distill"])
-    ups = {u: fps[u] for u in upstream_of(cfg, "evaluate")}
-    ups.update({k: v for k, v in fps.items() if k.startswith("distill:")})
-    fps["evaluate"] = fingerprint("evaluate", stage_params(cfg, "evaluate"), ups,
+    fps["evaluate"] = fingerprint("evaluate", stage_params(cfg, "evaluate"),
+                                  {u: fps[u] for u in upstream_of(cfg, "evaluate")},
                                   STAGE_VERSIONS["evaluate"])
     return fps
 
@@ -93,10 +94,7 @@ def upstream_refs(store: ArtifactStore, cfg: PipelineConfig, stage: str,
     """The complete upstream artifacts of ``stage`` for this config, or a StageError."""
     fps = fps or plan(cfg)
     refs = {}
-    needed = list(upstream_of(cfg, stage))
-    if stage == "evaluate":
-        needed += [k for k in fps if k.startswith("distill:")]
-    for up in needed:
+    for up in upstream_of(cfg, stage):
         name = up.split(":")[0]
         art = store.get(name, fps[up])
         if art is None:

@@ -111,12 +111,11 @@ def transport_plan_figure(cfg: PipelineConfig, upstream: dict[str, StageRef], ou
     if objective_weights(cfg.distill.objective).ot is None:
         return False
     distill = Path(upstream["distill"].path)
-    cache = open_artifact(upstream_cache_path(upstream))
-    tokenized = open_artifact(upstream_tokenize_path(upstream))
+    tokenized, cache = distill_inputs(upstream["distill"])
     dataset = DistillDataset.from_artifacts(tokenized, cache)
     # A CoT example when there is one (a rationale against its tokens is the telling picture).
     form = "cot" if any(k[1] == "cot" for k in dataset.teacher.keys()) else "standard"
-    item = next(dataset[i] for i in range(len(dataset)) if dataset[i][form] is not None)
+    item = next(it for it in (dataset[i] for i in range(len(dataset))) if it[form] is not None)
     model = load_model(distill / "model", "float32", "cpu")
     tok = load_tokenizer(distill / "model")
     embed, _ = teacher_tensors(cache, "cpu")
@@ -134,14 +133,13 @@ def transport_plan_figure(cfg: PipelineConfig, upstream: dict[str, StageRef], ou
     return True
 
 
-def upstream_cache_path(upstream: dict[str, StageRef]) -> str:
-    distill = open_artifact(upstream["distill"].path)
-    return str(Path(upstream["distill"].path).parents[1] / "cache_teacher" / distill.upstream["cache_teacher"])
-
-
-def upstream_tokenize_path(upstream: dict[str, StageRef]) -> str:
-    distill = open_artifact(upstream["distill"].path)
-    return str(Path(upstream["distill"].path).parents[1] / "tokenize" / distill.upstream["tokenize"])
+def distill_inputs(distill: StageRef):
+    """The (tokenize, cache_teacher) artifacts a distill artifact was trained from, found by
+    the upstream fingerprints its manifest records, in the same store."""
+    root = Path(distill.path).parents[1]
+    ups = open_artifact(distill.path).upstream
+    return (open_artifact(root / "tokenize" / ups["tokenize"]),
+            open_artifact(root / "cache_teacher" / ups["cache_teacher"]))
 
 
 def histories(upstream: dict[str, StageRef]) -> dict[str, list[dict]]:

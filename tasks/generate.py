@@ -39,8 +39,8 @@ def split_rationale(text: str) -> tuple[str, str]:
     return text[: matches[-1].start()].strip(), (tail[0].strip() if tail else "")
 
 
-def judge(cfg: PipelineConfig, rationale: str, answer_text: str, gold: str,
-          finish_reason: str) -> tuple[str, bool, str | None]:
+def judge(cfg: PipelineConfig, rationale: str, answer_text: str,
+          gold: str) -> tuple[str, bool, str | None]:
     """(prediction, kept, filter_reason) of one generated rationale."""
     prediction = answer_text
     if cfg.data.checkable_answers:
@@ -68,8 +68,7 @@ def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], bac
     for row, prompt, seed, completions in zip(rows, prompts, seeds, outputs):
         for j, c in enumerate(completions):
             rationale, answer_text = split_rationale(c.text)
-            prediction, ok, reason = judge(cfg, rationale, answer_text, row["output"],
-                                           c.finish_reason)
+            prediction, ok, reason = judge(cfg, rationale, answer_text, row["output"])
             kept += ok
             out.append(dict(id=row["id"], prompt=prompt, rationale=rationale,
                             answer=row["output"], prediction=prediction, kept=ok,
