@@ -2,24 +2,27 @@
 
 Every section is a pydantic model that forbids unknown keys, so a typo is an error that names
 the key's full path (``generate.temprature``) and, where one is close, the key that was meant.
-Wrong types are reported the same way. Stages fingerprint only the sections they read
-(:func:`stage_params`), so changing one stage's parameter reruns that stage and its dependents.
+Wrong types are reported the same way. Which fields each stage reads (and so fingerprints) is
+declared once, in the stage registry (``tasks/registry.py``).
+
+Students: ``distill.objective`` and ``distill.training`` define the main student;
+``distill.students`` declares more students beside it, each as overrides of those two
+sections (a grid of baselines and ablations in a few lines), and ``distill.seeds`` trains every
+student once per training seed.
 """
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("prepare", "teacher_sft", "generate", "tokenize", "cache_teacher", "distill", "evaluate")
-FORMS = ("standard", "cot")
-KD_BASES = (
-    "none", "dskd", "uld", "mined",
-    "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd",
-)
+#: KD bases that compare the two models' distributions position by position: one vocabulary.
+SAME_VOCAB_KD = ("forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd")
+KD_BASES = ("none", "dskd", "uld", "mined", *SAME_VOCAB_KD)
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,7 @@ class DemoDataConfig(_Section):
     disjoint sets of expressions."""
 
     n_train: int = Field(2000, ge=1)
+    n_dev: int = Field(200, ge=0)
     n_eval: int = Field(200, ge=1)
     seed: int = 0
     n_operands: int = Field(3, ge=2)
@@ -55,6 +59,9 @@ class DataConfig(_Section):
     source: Literal["demo", "jsonl"] = "demo"
     demo: DemoDataConfig = DemoDataConfig()
     train_path: str | None = None
+    # The dev split (checkpoint selection): a file of its own, or rows held out from train.
+    dev_path: str | None = None
+    dev_from_train: int = Field(0, ge=0)
     eval_path: str | None = None
     max_train_rows: int | None = Field(None, ge=1)
     max_eval_rows: int | None = Field(None, ge=1)
@@ -63,14 +70,24 @@ class DataConfig(_Section):
     # What to do with rows missing a field or with an empty output: stop with the row numbers
     # (default), or skip them and count them in the manifest.
     on_invalid_rows: Literal["error", "skip"] = "error"
-    # Answers are checkable (exact match is meaningful, rationales can be filtered).
+    # Answers are checkable (exact match is meaningful, rationales can be filtered), and how
+    # an answer is read and compared (cot2align_core.answers): the first integer of the answer
+    # line ("number"), or the normalised answer line ("text").
     checkable_answers: bool = True
+    answer_format: Literal["number", "text"] = "number"
 
     @model_validator(mode="after")
     def _paths(self):
         if self.source == "jsonl" and not self.train_path:
             raise ValueError("data.source is 'jsonl' but data.train_path is not set")
+        if self.dev_path and self.dev_from_train:
+            raise ValueError("set data.dev_path or data.dev_from_train, not both")
         return self
+
+    def has_dev_split(self) -> bool:
+        if self.source == "demo":
+            return self.demo.n_dev > 0
+        return bool(self.dev_path or self.dev_from_train)
 
 
 # --------------------------------------------------------------------------- models
@@ -205,13 +222,73 @@ class ObjectiveConfig(_Section):
     ot: OTConfig | None = OTConfig()
     projector_lr: float = Field(1e-3, gt=0)
 
+    @property
+    def uses_kd(self) -> bool:
+        return self.alpha > 0 and self.kd_base != "none" and self.kd_weight > 0
+
+    @property
+    def uses_ot(self) -> bool:
+        return (self.alpha > 0 and self.ot is not None and self.ot.weight > 0
+                and any(w > 0 for w in self.ot.pairs.values()))
+
+    def describe(self) -> str:
+        """``sft``, ``<kd base>``, ``<kd base>+ot`` or ``ot``: what the student trains with."""
+        parts = ([self.kd_base] if self.uses_kd else []) + (["ot"] if self.uses_ot else [])
+        return "+".join(parts) or "sft"
+
+
+class SelectionConfig(_Section):
+    """The best checkpoint on the dev split, as the paper keeps the best by dev ROUGE-L.
+
+    Every ``every`` steps (and at the last step) the student answers ``max_rows`` dev rows
+    greedily in each of ``forms``; the step with the best mean score is the one saved.
+    ``every: 0`` keeps the last step's weights.
+    """
+
+    every: int = Field(0, ge=0)
+    # auto: exact match when answers are checkable, ROUGE-L otherwise.
+    metric: Literal["auto", "exact_match", "rougeL"] = "auto"
+    max_rows: int = Field(100, ge=1)
+    forms: list[Literal["standard", "cot"]] = ["standard", "cot"]
+    max_tokens: int = Field(64, ge=1)
+
+
+class StudentConfig(_Section):
+    """One more student: overrides of ``distill.objective`` and ``distill.training``, merged
+    key by key (``ot: null`` removes the OT terms; ``ot: {pairs: {cross_b: 0}}`` changes one
+    pair's weight and keeps the rest)."""
+
+    objective: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+
 
 class DistillConfig(_Section):
+    # The main student, named ``label`` in reports.
+    label: str = "cot2align"
     objective: ObjectiveConfig = ObjectiveConfig()
     training: TrainingConfig = TrainingConfig(epochs=10, batch_size=32, lr=5e-4)
+    # More students trained beside the main one (baselines, ablations), by label.
+    students: dict[str, StudentConfig] = {}
+    # Training seeds (model initialisation and data order): every student is trained once per
+    # seed; the report gives mean and std over them. None: the config's ``seed``.
+    seeds: list[int] | None = Field(None, min_length=1)
+    selection: SelectionConfig = SelectionConfig()
+    # Students trained at the same time, each in its own process; 1: one after another.
+    parallel: int = Field(1, ge=1)
+    # Every N steps the OT terms' health (own vs shuffled teacher, spread of the projected
+    # teacher states) is measured on a fixed probe batch and kept in the history; 0: off.
+    health_every: int = Field(100, ge=0)
 
 
 class EvaluateConfig(_Section):
+    """The eval split, answered by every student (and the teacher) in each form.
+
+    ``decoding``: ``greedy`` (one pass) and/or ``sampled`` (the paper's: temperature 1, one
+    pass per seed of ``seeds``). Paired differences between students come with 95% intervals
+    from ``bootstrap`` resamples over eval rows and training seeds.
+    """
+
+    decoding: list[Literal["greedy", "sampled"]] = Field(["greedy", "sampled"], min_length=1)
     seeds: list[int] = [0, 1, 2, 3, 4]
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -220,8 +297,36 @@ class EvaluateConfig(_Section):
     backend: Literal["auto", "vllm", "hf"] = "hf"
     forms: list[Literal["standard", "cot"]] = ["standard"]
     include_teacher: bool = True
-    # Other students to compare with: each a distill objective trained beside the main one.
-    baselines: dict[str, ObjectiveConfig] = {}
+    bootstrap: int = Field(1000, ge=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "baselines" in data:
+            raise ValueError(
+                "evaluate.baselines has moved to distill.students: declare each baseline there "
+                "as overrides of distill.objective, e.g. `distill: {students: {sft: {objective: "
+                "{alpha: 0.0, kd_base: none, ot: null}}}}`")
+        return data
+
+
+@dataclass(frozen=True)
+class Student:
+    """A resolved student: its label and its full objective and training sections."""
+
+    label: str
+    objective: ObjectiveConfig
+    training: TrainingConfig
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class PipelineConfig(_Section):
@@ -253,13 +358,10 @@ class PipelineConfig(_Section):
                 "generate.filter_correct needs data.checkable_answers: true "
                 "(free-form answers cannot be checked)"
             )
-        same_vocab = {"forward_kl", "reverse_kl", "js", "skewed_forward_kl",
-                      "skewed_reverse_kl", "tvd"}
+        students = self.students()  # resolves and validates every student's overrides
         t_scratch, s_scratch = self.teacher.scratch, self.student.scratch
-        for name, obj in [("distill.objective", self.distill.objective)] + [
-            (f"evaluate.baselines.{k}", v) for k, v in self.evaluate.baselines.items()
-        ]:
-            if obj.kd_base not in same_vocab:
+        for st in students:
+            if st.objective.kd_base not in SAME_VOCAB_KD:
                 continue
             if t_scratch and s_scratch:
                 differ = t_scratch.tokenizer != s_scratch.tokenizer
@@ -269,9 +371,17 @@ class PipelineConfig(_Section):
                 differ = (t_scratch is None) != (s_scratch is None)
             if differ:
                 raise ValueError(
-                    f"{name}.kd_base {obj.kd_base!r} needs one vocabulary, but the teacher "
-                    f"and student tokenizers differ; use dskd, uld or mined"
-                )
+                    f"{self._student_key(st.label)}.kd_base {st.objective.kd_base!r} needs one "
+                    "vocabulary, but the teacher and student tokenizers differ; use dskd, uld "
+                    "or mined")
+        if self.distill.selection.every and not self.data.has_dev_split():
+            raise ValueError(
+                "distill.selection.every > 0 selects the best checkpoint on a dev split, but "
+                "there is none: set data.dev_path, data.dev_from_train (rows held out from "
+                "train), or data.demo.n_dev; or set distill.selection.every: 0")
+        if self.distill.label in self.distill.students:
+            raise ValueError(f"distill.students.{self.distill.label}: the label is the main "
+                             "student's (distill.label); pick another name")
         # Every prompt must leave room for a response (prompts are cut to max_prompt_length).
         limits = [("tokenize.max_length", self.tokenize.max_length)]
         if self.teacher_sft.enabled:
@@ -285,21 +395,63 @@ class PipelineConfig(_Section):
         return self
 
     # ------------------------------------------------------------------ derived
+    def _student_key(self, label: str) -> str:
+        if label == self.distill.label:
+            return "distill.objective"
+        return f"distill.students.{label}.objective"
+
+    def students(self) -> list[Student]:
+        """Every student this config trains, the main one first, overrides resolved."""
+        d = self.distill
+        out = [Student(d.label, d.objective, d.training)]
+        for label, spec in d.students.items():
+            parts = {}
+            for section, model, base in (("objective", ObjectiveConfig, d.objective),
+                                         ("training", TrainingConfig, d.training)):
+                merged = _deep_merge(base.model_dump(mode="json"), getattr(spec, section))
+                try:
+                    parts[section] = model.model_validate(merged)
+                except ValidationError as err:
+                    raise _NestedConfigError(_error_lines(
+                        err, model, prefix=f"distill.students.{label}.{section}")) from None
+            out.append(Student(label, parts["objective"], parts["training"]))
+        return out
+
+    def resolve_student(self, label: str) -> Student:
+        for st in self.students():
+            if st.label == label:
+                return st
+        known = [st.label for st in self.students()]
+        raise ConfigError(f"no student {label!r} in this config; its students are {known}")
+
+    def training_seeds(self) -> list[int]:
+        return list(self.distill.seeds) if self.distill.seeds is not None else [self.seed]
+
     def objectives(self) -> list[ObjectiveConfig]:
-        """The distill objectives this config trains: the main one and each baseline's."""
-        return [self.distill.objective, *self.evaluate.baselines.values()]
+        """The distill objectives this config trains (every student's)."""
+        return [st.objective for st in self.students()]
 
     def needed_topk(self) -> int:
-        """Top-k teacher logits the KD bases of the main objective and baselines need."""
+        """Top-k teacher logits the students' KD bases need (0: none)."""
         if self.cache_teacher.topk is not None:
             return self.cache_teacher.topk
         needs = any(o.alpha > 0 and o.kd_base not in ("none", "dskd") for o in self.objectives())
         return 64 if needs else 0
 
+    def needs_teacher_head(self) -> bool:
+        """DSKD needs the teacher's LM head (saved once beside the cache)."""
+        return any(o.alpha > 0 and o.kd_base == "dskd" for o in self.objectives())
+
     def needs_mined_alignment(self) -> bool:
         return self.tokenize.mined_alignment or any(
             o.alpha > 0 and o.kd_base == "mined" for o in self.objectives()
         )
+
+    def selection_metric(self) -> str:
+        m = self.distill.selection.metric
+        if m == "auto":
+            return "exact_match" if self.data.checkable_answers else "rougeL"
+        return m
 
 
 # --------------------------------------------------------------------------- loading
@@ -344,17 +496,31 @@ def _known_keys(model: type[BaseModel], path: list[str | int]) -> list[str]:
     return list(current.model_fields) if _is_model(current) else []
 
 
+class _NestedConfigError(Exception):
+    """Errors of a section validated inside a model validator (students' overrides); not a
+    ValueError, so that pydantic lets it through to :func:`parse_config` unwrapped."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    return "\n".join([f"invalid config {source}:", *_error_lines(err, PipelineConfig)])
+
+
+def _error_lines(err: ValidationError, root: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
     for e in err.errors():
         loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "(top level)"
         if e["type"] == "extra_forbidden":
             hint = ""
-            known = _known_keys(PipelineConfig, list(loc[:-1]))
+            known = _known_keys(root, list(loc[:-1]))
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             if close:
-                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+                path = [prefix] * bool(prefix) + [*map(str, loc[:-1]), close[0]]
+                hint = f" (did you mean '{'.'.join(path)}'?)"
             elif known:
                 hint = f" (known keys here: {', '.join(known)})"
             lines.append(f"  {key}: unknown key{hint}")
@@ -364,7 +530,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
+    return lines
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
@@ -374,6 +540,8 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    except _NestedConfigError as err:
+        raise ConfigError("\n".join([f"invalid config {source}:", *err.lines])) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -426,47 +594,3 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def config_dump(cfg: PipelineConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
-
-
-def stage_params(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The config fields a stage reads: what its fingerprint hashes (besides upstream ones)."""
-    d = config_dump(cfg)
-    # Each stage lists what it reads itself; what it reads through an upstream artifact is
-    # covered by that artifact's fingerprint. prepare reads the data section and, for models
-    # built from scratch, the tokenizer settings (it trains those tokenizers): a student's
-    # dtype, LoRA rank or the training seed must not rerun prepare and with it the teacher's
-    # SFT and generation.
-    scratch_tokenizers = {
-        side: (d[side]["scratch"]["tokenizer"] if d[side]["scratch"] is not None else None)
-        for side in ("teacher", "student")
-    }
-    if stage == "prepare":
-        return {"data": d["data"], "scratch_tokenizers": scratch_tokenizers}
-    if stage == "teacher_sft":
-        # sft_examples cut prompts at tokenize.max_prompt_length (the sequence length is
-        # teacher_sft.training.max_length, inside teacher_sft).
-        return {"teacher": d["teacher"], "teacher_sft": d["teacher_sft"], "seed": cfg.seed,
-                "max_prompt_length": cfg.tokenize.max_prompt_length}
-    if stage == "generate":
-        return {"generate": d["generate"], "teacher": d["teacher"]}
-    if stage == "tokenize":
-        # Pretrained tokenizers are named here; scratch ones come from prepare's artifact.
-        return {"tokenize": d["tokenize"], "mined": cfg.needs_mined_alignment(),
-                "cot_requires_input": cfg.data.cot_requires_input,
-                "tokenizers": {"teacher": cfg.teacher.pretrained,
-                               "student": cfg.student.pretrained}}
-    if stage == "cache_teacher":
-        c = dict(d["cache_teacher"])
-        c.pop("device")
-        c.pop("batch_size")  # does not change what is cached
-        # The teacher is the SFT one (its fingerprint covers the teacher) or the pretrained one.
-        return {"cache_teacher": c, "topk": cfg.needed_topk(), "teacher": d["teacher"]}
-    if stage == "distill":
-        t = dict(d["distill"]["training"])
-        t.pop("device")
-        return {"objective": d["distill"]["objective"], "training": t, "student": d["student"],
-                "seed": cfg.seed}
-    if stage == "evaluate":
-        e = dict(d["evaluate"])
-        return {"evaluate": e, "checkable": cfg.data.checkable_answers}
-    raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")

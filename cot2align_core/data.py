@@ -131,3 +131,47 @@ def raws_without_blank(raws: list[Any]) -> list[Any]:
 def has_cot_form(row: dict[str, Any], cot_requires_input: bool) -> bool:
     """Whether an example gets a CoT form (the paper: only rows with a non-empty input)."""
     return bool(str(row.get("input") or "").strip()) or not cot_requires_input
+
+
+def hold_out(rows: list[dict[str, Any]], n: int, source: str) -> tuple[list[dict], list[dict]]:
+    """(rest, held out): ``n`` rows chosen by a hash of their id, so the choice does not depend
+    on the rows' order or on which other rows the file holds."""
+    import hashlib
+
+    if n >= len(rows):
+        raise DataError(f"{source}: data.dev_from_train is {n} but the split has only "
+                        f"{len(rows)} rows; hold out fewer rows")
+    ranked = sorted(rows, key=lambda r: hashlib.sha1(r["id"].encode()).hexdigest())
+    chosen = {r["id"] for r in ranked[:n]}
+    return [r for r in rows if r["id"] not in chosen], [r for r in rows if r["id"] in chosen]
+
+
+def load_splits(d) -> dict[str, LoadedSplit]:
+    """The splits of the config's data section (``cot2align_core.config.DataConfig``):
+    ``train`` always, ``dev`` when the config has one (checkpoint selection), ``eval`` when it
+    has one."""
+    import os
+
+    if d.source == "demo":
+        from cot2align_core.demo_task import make_demo_rows
+
+        task = dict(n_operands=d.demo.n_operands, min_operand=d.demo.min_operand,
+                    max_operand=d.demo.max_operand, ops=d.demo.ops)
+        sizes = {"train": ("train", d.demo.n_train), "dev": ("dev", d.demo.n_dev),
+                 "eval": ("test", d.demo.n_eval)}
+        return {name: validate_rows(make_demo_rows(n, d.demo.seed, split=split, **task),
+                                    f"demo task ({split})", name)
+                for name, (split, n) in sizes.items() if n > 0}
+    out = {"train": read_jsonl(os.path.expandvars(d.train_path), "train", d.on_invalid_rows,
+                               d.max_train_rows)}
+    if d.dev_path:
+        out["dev"] = read_jsonl(os.path.expandvars(d.dev_path), "dev", d.on_invalid_rows)
+    elif d.dev_from_train:
+        train = out["train"]
+        rest, dev = hold_out(train.rows, d.dev_from_train, train.source)
+        out["train"] = LoadedSplit(rest, train.source, train.skipped)
+        out["dev"] = LoadedSplit(dev, f"{train.source} (held out by data.dev_from_train)")
+    if d.eval_path:
+        out["eval"] = read_jsonl(os.path.expandvars(d.eval_path), "eval", d.on_invalid_rows,
+                                 d.max_eval_rows)
+    return out

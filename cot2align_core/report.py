@@ -329,6 +329,39 @@ def metric_bars_figure(
     return fig
 
 
+def differences_figure(differences: Sequence[Mapping[str, Any]], *,
+                       title: str | None = None) -> Figure:
+    """Forest plot of paired differences: one row per (model vs reference, form, decoding,
+    metric), a dot at the difference and a bar over its 95% interval, a line at 0."""
+    if not differences:
+        raise ValueError("no differences to plot")
+    drop = redundant_metrics([{**d, "mean": d["diff"], "std": d["low"]} for d in differences])
+    rows = [d for d in differences if d["metric"] not in drop]
+    labels = [f"{d['model']} - {d['reference']} | {d['form']} {d['decoding']} {d['metric']}"
+              for d in rows]
+    fig = _new_figure(9.0, 0.32 * len(rows) + 1.4)
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    diff = np.array([d["diff"] for d in rows])
+    lo = np.array([d["low"] for d in rows])
+    hi = np.array([d["high"] for d in rows])
+    colors = ["tab:green" if l > 0 else "tab:red" if h < 0 else "tab:gray" for l, h in zip(lo, hi)]
+    ax.hlines(y, lo, hi, colors=colors, linewidth=2)
+    ax.scatter(diff, y, color=colors, zorder=3, s=18)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, labels, fontsize=7, parse_math=False)
+    ax.set_xlabel("difference (score x100); bar: 95% bootstrap interval")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title or "Paired differences against the references", parse_math=False)
+    return fig
+
+
+def plot_differences(differences: Sequence[Mapping[str, Any]], out_png: str | os.PathLike,
+                     **kwargs) -> Path:
+    """Save :func:`differences_figure` as a PNG and return its path."""
+    return save_figure(differences_figure(differences, **kwargs), out_png)
+
+
 def plot_metric_bars(
     results: Mapping[str, Mapping[str, Mapping[str, Any]]], out_png: str | os.PathLike, **kwargs
 ) -> Path:
@@ -567,31 +600,66 @@ def _mean_std(mean: Any, std: Any, floatfmt: str) -> str:
     return f"{format(float(mean), floatfmt)} ± {spread}"
 
 
+def redundant_metrics(metrics_table: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Metrics whose every value equals another metric's on the same row (exact match and
+    ROUGE-L on one-number answers): shown once, under the first name."""
+    cells: dict[str, dict[tuple, Any]] = {}
+    for r in metrics_table:
+        key = tuple((k, str(v)) for k, v in sorted(r.items()) if k not in ("metric", "mean", "std"))
+        cells.setdefault(str(r["metric"]), {})[key] = (r.get("mean"), r.get("std"))
+    names = list(cells)
+    drop = set()
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if b not in drop and cells[a] == cells[b]:
+                drop.add(b)
+    return drop
+
+
 def _metrics_pivot(metrics_table: Sequence[Mapping[str, Any]], floatfmt: str) -> str:
+    """The paper's layout: one row per model, one column per (form, decoding, metric)."""
+    drop = redundant_metrics(metrics_table)
     models: dict[str, None] = {}
-    metrics: dict[str, None] = {}
+    columns: dict[str, None] = {}
     cells: dict[tuple[str, str], Mapping[str, Any]] = {}
     for r in metrics_table:
-        model, metric = str(r["model"]), str(r["metric"])
+        if r["metric"] in drop:
+            continue
+        col = " ".join(str(r[k]) for k in ("form", "decoding", "metric") if r.get(k) is not None)
+        model = str(r["model"])
         models.setdefault(model)
-        metrics.setdefault(metric)
-        cells[(model, metric)] = r
+        columns.setdefault(col)
+        cells[(model, col)] = r
     rows = []
     for model in models:
-        ns = {cells[(model, m)].get("n_seeds") for m in metrics if (model, m) in cells}
+        ns = {cells[(model, c)].get("n_seeds") for c in columns if (model, c) in cells}
         row: dict[str, Any] = {"model": model}
-        for m in metrics:
-            r = cells.get((model, m))
-            if r is None:
-                row[m] = "n/a"
-                continue
-            text = _mean_std(r.get("mean"), r.get("std"), floatfmt)
-            if len(ns) > 1 and r.get("n_seeds") is not None:
-                text += f" (n={r['n_seeds']})"
-            row[m] = text
+        for c in columns:
+            r = cells.get((model, c))
+            row[c] = "n/a" if r is None else _mean_std(r.get("mean"), r.get("std"), floatfmt)
         row["seeds"] = ns.pop() if len(ns) == 1 else "varies"
         rows.append(row)
-    return markdown_table(rows, ["model", *metrics, "seeds"], right=list(metrics))
+    table = markdown_table(rows, ["model", *columns, "seeds"], right=list(columns))
+    if drop:
+        table += ("\n\n" + ", ".join(sorted(drop)) + " equals another metric on every row "
+                  "and is not shown twice.")
+    return table
+
+
+def _differences_table(differences: Sequence[Mapping[str, Any]], floatfmt: str) -> str:
+    drop = redundant_metrics([{**d, "mean": d["diff"], "std": d["low"]} for d in differences])
+    rows = []
+    for d in differences:
+        if d["metric"] in drop:
+            continue
+        sig = d["low"] > 0 or d["high"] < 0
+        rows.append({"model": d["model"], "vs": d["reference"], "form": d["form"],
+                     "decoding": d["decoding"], "metric": d["metric"],
+                     "difference": format(d["diff"], "+" + floatfmt),
+                     "95% interval": f"[{d['low']:+{floatfmt}}, {d['high']:+{floatfmt}}]"
+                                     + (" *" if sig else ""),
+                     "seeds x rows": f"{d['n_seeds']} x {d['n_rows']}"})
+    return markdown_table(rows)
 
 
 def _stage_rows(stage_summaries: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict], list[str]]:
@@ -646,6 +714,7 @@ def write_report(
     stage_summaries: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, str | os.PathLike],
     samples: Sequence[Mapping[str, Any]],
+    differences: Sequence[Mapping[str, Any]] = (),
     floatfmt: str = ".2f",
     max_sample_chars: int = 1500,
 ) -> Path:
@@ -654,8 +723,12 @@ def write_report(
     Args:
         title: the report's heading.
         config_summary: the settings worth showing (nested dicts are flattened to dotted keys).
-        metrics_table: rows ``{"model", "metric", "mean", "std", "n_seeds"}``; rendered as one
-            row per model and one column per metric, "mean ± std" (std None/NaN -> "n/a").
+        metrics_table: rows ``{"model", "metric", "mean", "std", "n_seeds"}`` with optional
+            ``form`` and ``decoding``; rendered in the paper's layout, one row per model and one
+            column per (form, decoding, metric), "mean ± std" (std None/NaN -> "n/a"). A metric
+            equal to another on every row is shown once.
+        differences: rows ``{"model", "reference", "form", "decoding", "metric", "diff", "low",
+            "high", "n_seeds", "n_rows"}`` (paired differences with 95% intervals).
         stage_summaries: ``{stage: {"artifact": path, "fingerprint": str, "seconds": float,
             <counts>...}}``; any keys, shown as columns (fingerprint cut to 12 characters,
             seconds as a duration, dict values as ``k=v`` lists).
@@ -675,15 +748,23 @@ def write_report(
     parts += ["## Metrics", ""]
     if metrics_table:
         parts += [
-            "Mean ± sample standard deviation (ddof = 1) over seeds; \"n/a\" where one seed "
-            "leaves the std undefined. ROUGE-L: F-measure x 100 by `rouge_score` (stemmer on) "
-            "on the whole response; exact match: x 100 after normalisation.",
+            "Mean ± sample standard deviation (ddof = 1) over training seeds (sampled decoding: "
+            "each seed's score is first averaged over the decoding seeds); \"n/a\" where one "
+            "seed leaves the std undefined. ROUGE-L: F-measure x 100 by `rouge_score` (stemmer "
+            "on) on the answer (the CoT form's line after \"Therefore, the answer is:\"); exact "
+            "match: x 100 on the extracted answer.",
             "",
             _metrics_pivot(metrics_table, floatfmt),
             "",
         ]
     else:
         parts += ["_No metrics._", ""]
+    if differences:
+        parts += ["## Paired differences", "",
+                  "Each student minus its reference (the SFT student; the student trained on "
+                  "its KD base alone), on the same eval rows and training seeds. 95% percentile "
+                  "bootstrap intervals over training seeds and eval rows; * marks an interval "
+                  "that excludes 0.", "", _differences_table(differences, floatfmt), ""]
 
     if images:
         parts += ["## Figures", ""]

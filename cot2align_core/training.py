@@ -228,6 +228,22 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def move_to_device(batch, device):  # TEMP until the core-refactor branch lands
+    import dataclasses
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch)
+                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
 def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """loss_fn may return a scalar tensor, or (loss, {term: value}) with the loss terms."""
     if isinstance(out, torch.Tensor):

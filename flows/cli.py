@@ -1,7 +1,7 @@
 """The ``cot2align`` command line.
 
     cot2align run [CONFIG] [--set key=value ...] [--force STAGE ...]
-    cot2align stage NAME CONFIG [--set key=value ...] [--force]
+    cot2align stage NAME CONFIG [--set key=value ...] [--force] [--student LABEL]
     cot2align plan [CONFIG]              fingerprints and which artifacts exist
     cot2align inspect PATH [--json]      an artifact or a store
     cot2align verify PATH                re-hash shards against the manifest
@@ -28,10 +28,10 @@ def _default_config() -> str:
 
 def _print_summary(results: dict[str, dict], seconds: float) -> None:
     print()
-    print(f"{'stage':<24}{'status':<10}{'seconds':>9}  artifact")
+    print(f"{'stage':<32}{'status':<10}{'seconds':>9}  artifact")
     for key, ref in results.items():
         status = "reused" if ref["reused"] else "computed"
-        print(f"{key:<24}{status:<10}{ref['seconds']:>9.1f}  {ref['path']}")
+        print(f"{key:<32}{status:<10}{ref['seconds']:>9.1f}  {ref['path']}")
     report = results.get("evaluate", {}).get("summary", {}).get("report")
     if report:
         print(f"\nreport: {report}")
@@ -62,11 +62,19 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_stage(args) -> int:
-    from flows.pipeline import STAGE_FLOWS
-
     t0 = time.time()
     _check(args.config, args.set)
-    results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force)
+    if args.student is not None:
+        if args.name != "distill":
+            raise SystemExit("cot2align: error: --student applies to the distill stage only")
+        from flows.pipeline import run_single_stage
+
+        results = run_single_stage("distill", args.config, args.set or None, args.force,
+                                   only=args.student)
+    else:
+        from flows.pipeline import STAGE_FLOWS
+
+        results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force)
     _print_summary(results, time.time() - t0)
     return 0
 
@@ -74,20 +82,25 @@ def _cmd_stage(args) -> int:
 def _cmd_plan(args) -> int:
     from cot2align_core.config import load_config
     from storage.store import ArtifactStore
-    from tasks.common import plan
+    from tasks.registry import plan
 
     cfg = load_config(args.config or _default_config(), args.set)
     store = ArtifactStore(cfg.store)
     for key, fp in plan(cfg).items():
-        stage = key.split(":")[0]
-        state = "complete" if store.get(stage, fp) is not None else "missing"
-        print(f"{key:<24}{fp}  {state}")
+        state = "complete" if store.get(key.stage, fp) is not None else "missing"
+        print(f"{str(key):<32}{fp}  {state}")
     return 0
 
 
+def _stage_or_instance(text: str) -> str:
+    from tasks.registry import StageKey
+
+    return str(StageKey.parse(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cot2align_core.config import STAGES
     from storage.inspect import add_subcommands
+    from tasks.registry import STAGE_NAMES
 
     parser = argparse.ArgumentParser(prog="cot2align", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,15 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline (finished stages are reused)")
     p.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
-                   help="recompute this stage even if its artifact exists")
+    p.add_argument("--force", action="append", type=_stage_or_instance, metavar="STAGE",
+                   help="recompute this stage (or one student, distill[<label>,seed=<n>]) even "
+                        "if its artifact exists")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("stage", help="run one stage against the existing upstream artifacts")
-    p.add_argument("name", choices=STAGES)
+    p.add_argument("name", choices=STAGE_NAMES)
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--force", action="store_true", help="recompute even if the artifact exists")
+    p.add_argument("--student", metavar="LABEL",
+                   help="distill: train only this student (a label, or distill[<label>,seed=<n>])")
     p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("plan", help="show each stage's fingerprint and whether it exists")

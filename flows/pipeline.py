@@ -1,30 +1,46 @@
 """The pipeline flow and one flow per stage, each runnable and deployable on its own.
 
-    prepare -> teacher_sft? -> generate -> tokenize -> cache_teacher -> distill -> evaluate
+    prepare -> teacher_sft? -> generate -> tokenize -> cache_teacher -> distill[...] -> evaluate
 
-Flows take a config path (plus ``key.path=value`` overrides) so that deployments carry only
-JSON-able parameters; the config's fingerprints decide what is reused and what is recomputed.
+Everything here derives from the stage registry (:mod:`tasks.registry`): the order, the
+instances (one ``distill`` per student and training seed), the upstream artifacts each one
+reads, and the flows (``cot2align-<stage>``). Flows take a config path (plus ``key.path=value``
+overrides) so that deployments carry only JSON-able parameters; the config's fingerprints
+decide what is reused and what is recomputed.
 """
 from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cot2align_core.config import STAGES, load_config
-from tasks import STAGE_TASKS
-from tasks.common import (StageRef, baseline_configs, logger, plan, preflight, upstream_of,
-                          upstream_refs)
+from cot2align_core.config import PipelineConfig, load_config
+from tasks.common import StageRef, logger, preflight, upstream_refs
+from tasks.registry import STAGES, StageKey, StageSpec, instances, plan, spec, upstream_keys
 from tasks.stage import open_store
 
 
-def _threads(cfg) -> None:
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+def _forced(key: StageKey, force: set[str]) -> bool:
+    return key.stage in force or str(key) in force
 
 
-def _summary_markdown(cfg, refs: dict[str, StageRef]) -> str:
+def _run_instances(cfg: PipelineConfig, stage: StageSpec, keys: list[StageKey],
+                   fps: dict[StageKey, str], ups: dict[StageKey, dict[str, StageRef]],
+                   force: set[str]) -> dict[str, StageRef]:
+    """Run the given instances of one stage: one after another, or, for students with
+    ``distill.parallel > 1``, that many at a time, each in its own process."""
+    task = stage.load_task()
+    calls = [dict(cfg=cfg, key=k, fp=fps[k], upstream=ups[k], force=_forced(k, force))
+             for k in keys]
+    if not (stage.per_student and cfg.distill.parallel > 1 and len(calls) > 1):
+        return {str(c["key"]): task(**c) for c in calls}
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    with ProcessPoolTaskRunner(max_workers=min(cfg.distill.parallel, len(calls))) as runner:
+        futures = [runner.submit(task, c) for c in calls]
+        return {str(c["key"]): f.result() for c, f in zip(calls, futures)}
+
+
+def _summary_markdown(cfg: PipelineConfig, refs: dict[str, StageRef]) -> str:
     lines = [f"# cot2align run `{cfg.name}`", "", "| stage | status | seconds | artifact |",
              "|---|---|---:|---|"]
     for key, ref in refs.items():
@@ -39,23 +55,16 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
     """Run every stage of the config in order; finished stages are reused, not recomputed."""
     cfg = load_config(config_path, overrides)
     preflight(cfg)
-    _threads(cfg)
     store = open_store(cfg)
     fps = plan(cfg)
-    force = set(force or [])
+    forced = set(force or [])
     refs: dict[str, StageRef] = {}
     for stage in STAGES:
-        if stage == "teacher_sft" and not cfg.teacher_sft.enabled:
+        keys = instances(cfg, stage)
+        if not keys:
             continue
-        if stage == "evaluate":
-            for name, variant in baseline_configs(cfg).items():
-                key = f"distill:{name}"
-                refs[key] = STAGE_TASKS["distill"](
-                    variant, fps[key], {u: refs[u] for u in upstream_of(variant, "distill")},
-                    force="distill" in force, label=key)
-        refs[stage] = STAGE_TASKS[stage](cfg, fps[stage],
-                                         {u: refs[u] for u in upstream_of(cfg, stage)},
-                                         force=stage in force)
+        ups = {k: {u: refs[u] for u in map(str, upstream_keys(cfg, k))} for k in keys}
+        refs.update(_run_instances(cfg, stage, keys, fps, ups, forced))
     store.record_run(cfg.name, {k: r.fingerprint for k, r in refs.items()})
     create_markdown_artifact(_summary_markdown(cfg, refs), key="cot2align-run-summary",
                              description=f"cot2align pipeline run of {cfg.name}")
@@ -63,41 +72,37 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
 
 
 def run_single_stage(stage: str, config_path: str, overrides: list[str] | None = None,
-                     force: bool = False) -> dict:
-    """Run one stage against the existing upstream artifacts of the config."""
+                     force: bool = False, only: str | None = None) -> dict:
+    """Run one stage (every instance of it, or the one named by ``only``) against the existing
+    upstream artifacts of the config."""
     cfg = load_config(config_path, overrides)
     preflight(cfg)
-    _threads(cfg)
     store = open_store(cfg)
     fps = plan(cfg)
-    ups = upstream_refs(store, cfg, stage, fps)
-    refs: dict[str, StageRef] = {}
-    if stage == "distill":
-        for name, variant in baseline_configs(cfg).items():
-            key = f"distill:{name}"
-            refs[key] = STAGE_TASKS["distill"](variant, fps[key],
-                                               upstream_refs(store, variant, "distill", fps),
-                                               force=force, label=key)
-    refs[stage] = STAGE_TASKS[stage](cfg, fps[stage], ups, force=force)
-    logger().info("stage %s: %s", stage, refs[stage].path)
+    keys = instances(cfg, spec(stage))
+    if only is not None:
+        keys = [k for k in keys if str(k) == only or k.label == only]
+        if not keys:
+            known = [str(k) for k in instances(cfg, spec(stage))]
+            raise ValueError(f"{only!r} is not an instance of stage {stage} in this config: "
+                             f"{known}")
+    ups = {k: upstream_refs(store, cfg, k, fps) for k in keys}
+    refs = _run_instances(cfg, spec(stage), keys, fps, ups, {stage} if force else set())
+    for key, ref in refs.items():
+        logger().info("stage %s: %s", key, ref.path)
     return {k: r.to_dict() for k, r in refs.items()}
 
 
-def _stage_flow(stage: str):
-    @flow(name=f"cot2align-{stage}", log_prints=True)
+def _stage_flow(stage: StageSpec):
+    @flow(name=f"cot2align-{stage.name}", log_prints=True, description=stage.description)
     def stage_flow(config_path: str, overrides: list[str] | None = None,
                    force: bool = False) -> dict:
-        return run_single_stage(stage, config_path, overrides, force)
+        return run_single_stage(stage.name, config_path, overrides, force)
 
-    stage_flow.__doc__ = f"Run the {stage} stage alone, against the existing upstream artifacts."
+    stage_flow.__doc__ = f"{stage.description} Runs alone, against the existing upstream artifacts."
     return stage_flow
 
 
-prepare_flow = _stage_flow("prepare")
-teacher_sft_flow = _stage_flow("teacher_sft")
-generate_flow = _stage_flow("generate")
-tokenize_flow = _stage_flow("tokenize")
-cache_teacher_flow = _stage_flow("cache_teacher")
-distill_flow = _stage_flow("distill")
-evaluate_flow = _stage_flow("evaluate")
-STAGE_FLOWS = {s: globals()[f"{s}_flow"] for s in STAGES}
+STAGE_FLOWS = {s.name: _stage_flow(s) for s in STAGES}
+# Deployment entrypoints are module attributes: flows/pipeline.py:<stage>_flow.
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})

@@ -1,14 +1,17 @@
 """The Parquet schemas of the pipeline's tables, with builders (python rows -> Arrow) and
 readers (Arrow -> python / torch).
 
-Three kinds of tables:
+The kinds of tables:
 
+- **rows** (stage ``prepare``): the task's examples, one shard per split (``train``, ``dev``,
+  ``eval``).
 - **rationales** (stage ``generate``): one row per sampled rationale.
 - **tokenized** (stage ``tokenize``): one table per tokenizer side, shards named
   ``teacher-NNNNN`` / ``student-NNNNN`` (so the shard kind is the side), one row per example
   id and form (``standard`` | ``cot``).
 - **teacher cache** (stage ``cache_teacher``): see :data:`TEACHER_CACHE_SCHEMA` and
   :mod:`storage.teacher_cache`.
+- **generations** (stage ``evaluate``): one row per (model, form, decoding, seed, example).
 
 Tensors are stored as a ``large_binary`` blob per row (C-order bytes) beside their shape and
 dtype columns: about 10x faster to write and read than nested lists, read back without a
@@ -27,6 +30,20 @@ FORMS = ("standard", "cot")
 SIDES = ("teacher", "student")
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32")
 TOPK_LOGIT_DTYPES = ("float16", "float32")
+
+SPLITS = ("train", "dev", "eval")
+
+ROWS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
+    ("output", pa.string()), ("rationale", pa.string()),
+])
+
+GENERATIONS_SCHEMA = pa.schema([
+    ("model", pa.string()), ("seed_of_model", pa.int64()), ("form", pa.string()),
+    ("decoding", pa.string()), ("seed", pa.int64()), ("id", pa.string()),
+    ("prompt", pa.string()), ("reference", pa.string()), ("generation", pa.string()),
+    ("prediction", pa.string()), ("rougeL", pa.float64()), ("exact_match", pa.float64()),
+])
 
 RATIONALES_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -174,6 +191,26 @@ def _build(rows: Iterable[Mapping[str, Any]], schema: pa.Schema, what: str) -> p
         else:
             columns.append(pa.array(values, type=f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """The task's examples (``id, instruction, input, output, rationale``) as a table."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in rows],
+                                schema=ROWS_SCHEMA)
+
+
+def read_rows(artifact, split: str) -> list[dict[str, Any]]:
+    """The rows of ``split`` (one of :data:`SPLITS`) of a prepare artifact; [] when the
+    artifact has no such split."""
+    if split not in SPLITS:
+        raise StoreError(f"unknown split {split!r}: expected one of {SPLITS}")
+    if split not in {s.name for s in artifact.shards}:
+        return []
+    return artifact.read_table(split).to_pylist()
+
+
+def generations_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=GENERATIONS_SCHEMA)
 
 
 def rationales_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

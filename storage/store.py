@@ -317,6 +317,12 @@ class ArtifactWriter:
     def has_shard(self, name: str) -> bool:
         return name in self._shards
 
+    def read_shard(self, name: str) -> pa.Table:
+        """A whole shard already written (by this run or a crashed earlier one), read back."""
+        if name not in self._shards:
+            raise StoreError(f"artifact {self.label} has no whole shard {name!r} yet")
+        return self.fs.parquet_file(self.fs.join(self.dir, self._shards[name].filename)).read()
+
     def shard_records(self) -> list[ShardRecord]:
         """Records (rows, bytes, sha256, info) of the whole shards so far, by name."""
         return [self._shards[n] for n in sorted(self._shards)]

@@ -1,10 +1,8 @@
-"""What every stage task shares: the stage graph, fingerprints, references, logging.
+"""What every stage task shares: references to artifacts, upstream lookup, models and
+tokenizers by side, devices, logging, preflight checks.
 
-A stage's artifact lives at ``<store>/<stage>/<fingerprint>/``; the fingerprint hashes the
-config fields the stage reads (:func:`cot2align_core.config.stage_params`), its upstream
-fingerprints and its format version. :func:`plan` computes every fingerprint of a config
-without running anything, so a single stage can find its upstream artifacts and a rerun of a
-finished pipeline finds everything in place.
+A stage's artifact lives at ``<store>/<stage>/<fingerprint>/``; the stage graph and the
+fingerprints are the registry's (:mod:`tasks.registry`).
 """
 from __future__ import annotations
 
@@ -14,14 +12,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from cot2align_core.config import PipelineConfig, stage_params
-from storage.store import ArtifactStore, fingerprint
-
-# Bump a stage's version when what it writes changes meaning or layout.
-STAGE_VERSIONS = {
-    "prepare": 1, "teacher_sft": 1, "generate": 1, "tokenize": 1,
-    "cache_teacher": 1, "distill": 1, "evaluate": 1,
-}
+from cot2align_core.config import PipelineConfig
+from storage.store import ArtifactStore
+from tasks.registry import StageKey, plan, upstream_keys
 
 
 class StageError(RuntimeError):
@@ -30,81 +23,40 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageRef:
-    """The small reference a stage task returns (never tensors): where its artifact is."""
+    """The small reference a stage task returns (never tensors): where its artifact is.
+    ``key`` is the stage instance (``tokenize``, ``distill[sft,seed=0]``)."""
 
-    stage: str
+    key: str
     fingerprint: str
     path: str
     reused: bool = False
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def stage_key(self) -> StageKey:
+        return StageKey.parse(self.key)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def upstream_of(cfg: PipelineConfig, stage: str) -> list[str]:
-    """The stages whose artifacts ``stage`` reads, in this config (``distill:<name>`` is the
-    student of evaluation baseline ``name``)."""
-    sft = ["teacher_sft"] if cfg.teacher_sft.enabled else []
-    baselines = [f"distill:{name}" for name in cfg.evaluate.baselines]
-    return {
-        "prepare": [],
-        "teacher_sft": ["prepare"],
-        "generate": ["prepare", *sft],
-        "tokenize": ["prepare", "generate"],
-        "cache_teacher": ["prepare", "tokenize", *sft],
-        "distill": ["prepare", "tokenize", "cache_teacher"],
-        "evaluate": ["prepare", *sft, "distill", *baselines],
-    }[stage]
-
-
-def plan(cfg: PipelineConfig) -> dict[str, str]:
-    """Fingerprint of every stage of this config (plus ``distill:<baseline>`` variants)."""
-    fps: dict[str, str] = {}
-    order = ["prepare", "teacher_sft", "generate", "tokenize", "cache_teacher", "distill"]
-    for stage in order:
-        if stage == "teacher_sft" and not cfg.teacher_sft.enabled:
-            continue
-        fps[stage] = fingerprint(stage, stage_params(cfg, stage),
-                                 {u: fps[u] for u in upstream_of(cfg, stage)},
-                                 STAGE_VERSIONS[stage])
-    for name, variant in baseline_configs(cfg).items():
-        fps[f"distill:{name}"] = fingerprint(
-            "distill", stage_params(variant, "distill"),
-            {u: fps[u] for u in upstream_of(variant, "distill")}, STAGE_VERSIONS["distill"])
-    fps["evaluate"] = fingerprint("evaluate", stage_params(cfg, "evaluate"),
-                                  {u: fps[u] for u in upstream_of(cfg, "evaluate")},
-                                  STAGE_VERSIONS["evaluate"])
-    return fps
-
-
-def baseline_configs(cfg: PipelineConfig) -> dict[str, PipelineConfig]:
-    """A copy of the config per evaluation baseline, its distill objective replaced."""
-    out = {}
-    for name, objective in cfg.evaluate.baselines.items():
-        variant = cfg.model_copy(deep=True)
-        variant.distill.objective = objective
-        out[name] = variant
-    return out
-
-
-def upstream_refs(store: ArtifactStore, cfg: PipelineConfig, stage: str,
-                  fps: dict[str, str] | None = None) -> dict[str, StageRef]:
-    """The complete upstream artifacts of ``stage`` for this config, or a StageError."""
+def upstream_refs(store: ArtifactStore, cfg: PipelineConfig, key: StageKey,
+                  fps: dict[StageKey, str] | None = None) -> dict[str, StageRef]:
+    """The complete upstream artifacts of ``key`` for this config, or a StageError naming the
+    one that is missing and the command that makes it."""
     fps = fps or plan(cfg)
     refs = {}
-    for up in upstream_of(cfg, stage):
-        name = up.split(":")[0]
-        art = store.get(name, fps[up])
+    for up in upstream_keys(cfg, key):
+        art = store.get(up.stage, fps[up])
         if art is None:
             raise StageError(
-                f"stage {stage!r} needs the {up!r} artifact of this config "
-                f"({store.root}/{name}/{fps[up]}), which is missing or incomplete. "
-                f"Run `cot2align stage {name} CONFIG` first, or the whole pipeline with "
+                f"stage {str(key)!r} needs the {str(up)!r} artifact of this config "
+                f"({store.root}/{up.stage}/{fps[up]}), which is missing or incomplete. "
+                f"Run `cot2align stage {up.stage} CONFIG` first, or the whole pipeline with "
                 "`cot2align run CONFIG`."
             )
-        refs[up] = StageRef(stage=name, fingerprint=fps[up], path=str(art.path), reused=True)
+        refs[str(up)] = StageRef(key=str(up), fingerprint=fps[up], path=str(art.path), reused=True)
     return refs
 
 
@@ -198,3 +150,42 @@ def preflight(cfg: PipelineConfig) -> None:
             raise StageError(
                 f"{side}.pretrained: {ref!r} does not exist. Give a folder written by "
                 "save_pretrained, or a hub id (org/name) cached on this machine.")
+
+
+def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, StageRef],
+                    student_dim: int, teacher_dim: int):
+    """The student's training objective; MinED's vocabulary map is built from both tokenizers."""
+    from cot2align_core.objective import CoT2AlignObjective
+
+    vocab_map = None
+    if objective_cfg.uses_kd and objective_cfg.kd_base == "mined":
+        from cot2align_core.mined import build_vocab_mapping
+
+        vocab_map = build_vocab_mapping(load_side_tokenizer(cfg, "teacher", upstream),
+                                        load_side_tokenizer(cfg, "student", upstream))
+    return CoT2AlignObjective(_TEMP_weights(objective_cfg), student_dim=student_dim,
+                              teacher_dim=teacher_dim, vocab_map=vocab_map)
+
+
+def _TEMP_weights(o):  # TEMP: until the objective consumes ObjectiveConfig (method branch)
+    from cot2align_core.objective import ObjectiveWeights, OTSettings
+
+    ot = None
+    if o.ot is not None and o.ot.weight > 0:
+        ot = OTSettings(cost=o.ot.cost, eps=o.ot.eps, max_iter=o.ot.max_iter, tol=o.ot.tol,
+                        grad=o.ot.grad, layers=tuple(o.ot.layers), pairs=dict(o.ot.pairs),
+                        weight=o.ot.weight)
+    return ObjectiveWeights(alpha=o.alpha, kd_base=o.kd_base, kd_temperature=o.kd_temperature,
+                            kd_weight=o.kd_weight, ot=ot)
+
+
+def teacher_tensors(cache_artifact, device: str):
+    """(embedding matrix, LM head or None) of the teacher, saved beside its cache, as float32."""
+    import torch
+
+    from storage.teacher_embeddings import load_teacher_embeddings
+
+    emb = load_teacher_embeddings(cache_artifact)
+    embed = emb["embed"].to(device=device, dtype=torch.float32)
+    head = emb.get("lm_head")
+    return embed, (None if head is None else head.to(device=device, dtype=torch.float32))

@@ -10,51 +10,35 @@ matches gold; counts of kept and filtered rows go to the manifest.
 """
 from __future__ import annotations
 
-import re
-
 from prefect import task
 from prefect.cache_policies import NONE
 
+from cot2align_core.answers import checker, split_rationale
 from cot2align_core.config import PipelineConfig
 from cot2align_core.data import has_cot_form
 from cot2align_core.prompts import ANSWER_PREFIX, cot_prompt
-from storage.schemas import rationales_table
+from storage.schemas import rationales_table, read_rows
 from storage.store import open_artifact
 from tasks.common import StageRef, logger, resolve_device, teacher_model_path
-from tasks.prepare import read_rows
+from tasks.registry import StageKey
 from tasks.stage import Progress, kill_point, run_stage
-
-_MARKER = re.compile(re.escape(ANSWER_PREFIX.strip()), re.IGNORECASE)
-
-
-def split_rationale(text: str) -> tuple[str, str]:
-    """(rationale, the teacher's own answer) of a generated CoT response.
-
-    The rationale is everything before the last "Therefore, the answer is:"; the answer is the
-    first line after it ("" when the teacher wrote no such line)."""
-    matches = list(_MARKER.finditer(text))
-    if not matches:
-        return text.strip(), ""
-    tail = text[matches[-1].end():].strip().splitlines()
-    return text[: matches[-1].start()].strip(), (tail[0].strip() if tail else "")
-
 
 def judge(cfg: PipelineConfig, rationale: str, answer_text: str,
           gold: str) -> tuple[str, bool, str | None]:
     """(prediction, kept, filter_reason) of one generated rationale."""
     prediction = answer_text
     if cfg.data.checkable_answers:
-        from cot2align_core.demo_task import extract_answer, is_correct
-
-        prediction = (extract_answer(ANSWER_PREFIX + answer_text) or "") if answer_text else ""
-        if cfg.generate.filter_correct and not is_correct(prediction or None, gold):
+        check = checker(cfg.data.answer_format)
+        prediction = (check.extract(ANSWER_PREFIX + answer_text) or "") if answer_text else ""
+        if cfg.generate.filter_correct and not check.correct(prediction or None, gold):
             return prediction, False, "wrong_answer" if prediction else "no_answer"
     if not rationale.strip():
         return prediction, False, "empty"
     return prediction, True, None
 
 
-@task(name="generate-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)
+@task(name="generate-shard", task_run_name="generate-{name}", retries=2, retry_delay_seconds=2,
+      cache_policy=NONE)
 def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], backend) -> dict:
     from cot2align_core.generation import SamplingConfig, derive_seed
 
@@ -95,7 +79,7 @@ def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None)
 
 
 @task(name="generate", cache_policy=NONE)
-def generate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
+def generate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                    force: bool = False) -> StageRef:
     def body(w) -> dict:
         rows = [r for r in read_rows(open_artifact(upstream["prepare"].path), "train")
@@ -123,4 +107,4 @@ def generate_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         return {"examples": len(rows), "rationales": total, "kept": kept,
                 "filtered": total - kept, "backend": used}
 
-    return run_stage(cfg, "generate", fp, upstream, body, force=force)
+    return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -7,12 +7,14 @@ the manifest is committed last. A markdown summary is published as a Prefect art
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable
 
-from cot2align_core.config import PipelineConfig, stage_params
+from cot2align_core.config import PipelineConfig
 from storage.store import ArtifactStore
-from tasks.common import STAGE_VERSIONS, StageRef, logger
+from tasks.common import StageRef, logger
+from tasks.registry import StageKey, spec, stage_params
 
 
 def open_store(cfg: PipelineConfig) -> ArtifactStore:
@@ -21,27 +23,30 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
     return store
 
 
-def run_stage(cfg: PipelineConfig, stage: str, fp: str, upstream: dict[str, StageRef],
-              body: Callable[[Any], dict[str, Any] | None], *, force: bool = False,
-              label: str | None = None) -> StageRef:
-    label = label or stage
+def run_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
+              body: Callable[[Any], dict[str, Any] | None], *, force: bool = False) -> StageRef:
+    stage, label = key.stage, str(key)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     store = open_store(cfg)
     log = logger()
     art = store.get(stage, fp)
     if art is not None and not force:
         log.info("%s: reusing %s", label, art.path)
-        return StageRef(stage, fp, str(art.path), reused=True,
+        return StageRef(label, fp, str(art.path), reused=True,
                         summary=art.manifest.get("info", {}).get("summary", {}))
     if art is not None:
         log.info("%s: --force, recomputing %s", label, art.path)
         store.discard(stage, fp)
     t0 = time.time()
-    with store.writer(stage, fp, params=stage_params(cfg, stage),
+    with store.writer(stage, fp, params=stage_params(cfg, key),
                       upstream={k: r.fingerprint for k, r in upstream.items()},
-                      version=STAGE_VERSIONS[stage]) as writer:
+                      version=spec(stage).version) as writer:
         if writer.complete:  # another run finished it while this one waited for the lock
             log.info("%s: finished meanwhile by another run, reusing %s", label, writer.artifact.path)
-            return StageRef(stage, fp, str(writer.artifact.path), reused=True,
+            return StageRef(label, fp, str(writer.artifact.path), reused=True,
                             summary=writer.artifact.info.get("summary", {}))
         summary = body(writer) or {}
         writer.info["summary"] = summary
@@ -49,7 +54,7 @@ def run_stage(cfg: PipelineConfig, stage: str, fp: str, upstream: dict[str, Stag
     seconds = time.time() - t0
     log.info("%s: wrote %s in %.1f s", label, art.path, seconds)
     _publish(label, art, summary, seconds)
-    return StageRef(stage, fp, str(art.path), reused=False, seconds=seconds, summary=summary)
+    return StageRef(label, fp, str(art.path), reused=False, seconds=seconds, summary=summary)
 
 
 def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
@@ -62,7 +67,7 @@ def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
         return
     lines = [f"## {label}", "", f"- artifact: `{art.path}`", f"- seconds: {seconds:.1f}"]
     lines += [f"- {k}: {v}" for k, v in summary.items() if not isinstance(v, (dict, list))]
-    key = "stage-" + label.replace(":", "-").replace("_", "-")
+    key = "stage-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     create_markdown_artifact("\n".join(lines), key=key, description=f"{label} stage output")
 
 

@@ -10,35 +10,36 @@ from __future__ import annotations
 
 import json
 
-
 from prefect import task
 from prefect.cache_policies import NONE
 
+from cot2align_core.answers import checker
 from cot2align_core.config import PipelineConfig
+from cot2align_core.evaluation import greedy_score
 from cot2align_core.sft_data import build_sft_examples
 from cot2align_core.tokenization import pad_token_id
+from storage.schemas import read_rows
 from storage.store import open_artifact
 from tasks.common import StageError, StageRef, load_side_tokenizer, logger, resolve_device
-from tasks.prepare import read_rows
+from tasks.registry import StageKey
 from tasks.stage import run_stage
 from tasks.training_run import build_model_for, seeded, train_and_save
 
 
-def greedy_exact_match(model, tok, rows: list[dict], form: str, max_tokens: int) -> float:
-    from cot2align_core.demo_task import extract_answer, is_correct
-    from cot2align_core.generation import HFBackend, SamplingConfig
-    from cot2align_core.prompts import cot_prompt, standard_prompt
-
-    prompt_of = cot_prompt if form == "cot" else standard_prompt
-    backend = HFBackend(model, tok, batch_size=64)
-    outs = backend.generate([prompt_of(r) for r in rows],
-                            SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens))
-    hits = [is_correct(extract_answer(o[0].text), r["output"]) for o, r in zip(outs, rows)]
-    return 100.0 * sum(hits) / max(len(hits), 1)
+def _greedy_check(cfg: PipelineConfig, model, tok, rows: list[dict]) -> dict[str, float]:
+    """Greedy exact match of the fine-tuned teacher on up to 200 eval rows, per form."""
+    model.eval()
+    out = {}
+    for form, max_tokens in (("cot", 64), ("standard", 16)):
+        s = greedy_score(model, tok, rows, [form], metric="exact_match", max_tokens=max_tokens,
+                         checker=checker(cfg.data.answer_format))
+        out[f"greedy_exact_match_{form}"] = round(s["score"], 2)
+    logger().info("teacher_sft: greedy exact match on %d eval rows: %s", len(rows), json.dumps(out))
+    return out
 
 
 @task(name="teacher_sft", cache_policy=NONE)
-def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
+def teacher_sft_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                       force: bool = False) -> StageRef:
     def body(w) -> dict:
         from cot2align_core.training import collate_sft, sft_loss
@@ -55,21 +56,16 @@ def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef
             raise StageError("teacher_sft: no training example fits teacher_sft.training."
                              "max_length / tokenize.max_prompt_length; raise them")
         with seeded(cfg.seed):  # LoRA adapters too
-            model = build_model_for(cfg, "teacher", tok, device)
+            model = build_model_for(cfg, "teacher", tok, device, seed=cfg.seed)
         pad = pad_token_id(tok)
         result = train_and_save(w, model, tok, sft_loss, examples,
                                 lambda rows: collate_sft(rows, pad), t=t, seed=cfg.seed,
-                                label="teacher_sft", lora=bool(cfg.teacher.lora_rank))
+                                label=str(key), lora=bool(cfg.teacher.lora_rank))
         summary = {"examples": len(examples), "steps": result.steps_done,
                    "final_loss": round(result.final_loss or float("nan"), 4)}
         eval_rows = read_rows(prep, "eval")[:200]
         if cfg.data.checkable_answers and eval_rows:
-            model.eval()
-            for form in ("cot", "standard"):
-                summary[f"greedy_exact_match_{form}"] = round(
-                    greedy_exact_match(model, tok, eval_rows, form, 64 if form == "cot" else 16), 2)
-            logger().info("teacher_sft: greedy exact match on %d eval rows: %s", len(eval_rows),
-                          json.dumps({k: v for k, v in summary.items() if "exact" in k}))
+            summary.update(_greedy_check(cfg, model, tok, eval_rows))
         return summary
 
-    return run_stage(cfg, "teacher_sft", fp, upstream, body, force=force)
+    return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -14,10 +14,10 @@ from prefect.cache_policies import NONE
 from cot2align_core.config import PipelineConfig
 from cot2align_core.prompts import format_row
 from cot2align_core.tokenization import TokenizedExample, response_ids, tokenize_pair
-from storage.schemas import tokenized_table
+from storage.schemas import read_rows, tokenized_table
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, tokenizer_path
-from tasks.prepare import read_rows
+from tasks.registry import StageKey
 from tasks.stage import Progress, run_stage
 
 
@@ -52,7 +52,7 @@ def as_row(ex: TokenizedExample) -> dict:
                 offsets_end=ex.offsets_end, prompt_tokens=ex.prompt_tokens)
 
 
-@task(name="tokenize-shard", retries=1, cache_policy=NONE)
+@task(name="tokenize-shard", task_run_name="tokenize-shard-{index}", retries=1, cache_policy=NONE)
 def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: bool) -> dict:
     t = cfg.tokenize
     encoded = {}
@@ -80,7 +80,7 @@ def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: 
 
 
 @task(name="tokenize", cache_policy=NONE)
-def tokenize_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
+def tokenize_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                    force: bool = False) -> StageRef:
     def body(w) -> dict:
         rows = read_rows(open_artifact(upstream["prepare"].path), "train")
@@ -102,4 +102,4 @@ def tokenize_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         return {"examples": len(rows), "standard": len(rows), "cot": n_cot,
                 "truncated": truncated, "mined_alignment": mined}
 
-    return run_stage(cfg, "tokenize", fp, upstream, body, force=force)
+    return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -12,6 +12,7 @@ import torch
 
 from cot2align_core.config import PipelineConfig, TrainingConfig
 from tasks.common import logger
+from tasks.registry import StageKey
 from tasks.stage import kill_point
 
 
@@ -24,8 +25,9 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def build_model_for(cfg: PipelineConfig, side: str, tokenizer, device: str):
-    """A scratch model built from the config, or the pretrained one (with LoRA if set)."""
+def build_model_for(cfg: PipelineConfig, side: str, tokenizer, device: str, seed: int):
+    """A scratch model built from the config (initialised from ``seed``), or the pretrained
+    one (with LoRA if set)."""
     from cot2align_core.modeling import build_model, load_model
 
     model_cfg = cfg.teacher if side == "teacher" else cfg.student
@@ -33,7 +35,7 @@ def build_model_for(cfg: PipelineConfig, side: str, tokenizer, device: str):
         s = model_cfg.scratch
         model = build_model(s.arch, tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers,
                             num_heads=s.num_heads, intermediate_size=s.intermediate_size,
-                            max_position_embeddings=s.max_position_embeddings, seed=cfg.seed)
+                            max_position_embeddings=s.max_position_embeddings, seed=seed)
         model = model.to(device)
     else:
         model = load_model(model_cfg.pretrained, model_cfg.dtype, device)
@@ -54,10 +56,7 @@ def train_kwargs(t: TrainingConfig, seed: int) -> dict:
 def log_every_n(label: str, n: int = 50):
     log = logger()
 
-    stage = label.split(":")[0]
-
     def on_log(rec: dict) -> None:
-        kill_point(stage, "step", rec["step"])
         if rec["step"] % n == 0 or rec["step"] == 1:
             # Top-level terms only; the per-form, per-pair breakdown is in the loss history.
             terms = " ".join(f"{k}={v:.4f}" for k, v in rec.items()
@@ -84,7 +83,10 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
     with Progress(total, f"{label}: training steps") as bar:
+        stage = StageKey.parse(label).stage
+
         def on_log(rec: dict) -> None:
+            kill_point(stage, "step", rec["step"])
             log(rec)
             bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
 

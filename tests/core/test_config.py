@@ -9,13 +9,11 @@ import pytest
 import yaml
 
 from cot2align_core.config import (
-    STAGES,
     ConfigError,
     PipelineConfig,
     apply_override,
     load_config,
     parse_config,
-    stage_params,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,10 +41,7 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, PipelineConfig)
     raw = yaml.safe_load(path.read_text())
     assert cfg.name == raw["name"]
-    for stage in STAGES:
-        params = stage_params(cfg, stage)
-        assert params and isinstance(params, dict)
-        yaml.safe_dump(params)  # plain data: hashable into a fingerprint
+    assert [s.label for s in cfg.students()][0] == cfg.distill.label
 
 
 def test_paper_configs_carry_the_papers_settings():
@@ -87,12 +82,52 @@ def test_an_unknown_key_without_a_close_match_lists_the_known_keys():
     assert "known keys here:" in msg and "max_prompt_length" in msg
 
 
-def test_a_typo_inside_a_baseline_objective_gets_a_hint():
+def test_a_typo_inside_a_students_objective_gets_a_hint():
     data = demo_dict()
-    data["evaluate"]["baselines"]["sft"]["alhpa"] = 0.0
+    data["distill"]["students"]["sft"]["objective"]["alhpa"] = 0.0
     msg = config_error(data)
-    assert "evaluate.baselines.sft.alhpa: unknown key" in msg
-    assert "did you mean 'evaluate.baselines.sft.alpha'" in msg
+    assert "distill.students.sft.objective.alhpa: unknown key" in msg
+    assert "did you mean 'distill.students.sft.objective.alpha'" in msg
+
+
+def test_a_bad_value_inside_a_students_training_names_its_path():
+    data = demo_dict()
+    data["distill"]["students"]["sft"]["training"] = {"lr": -1}
+    msg = config_error(data)
+    assert "distill.students.sft.training.lr" in msg and "greater than 0" in msg
+
+
+def test_the_old_baselines_section_says_where_it_went():
+    data = demo_dict()
+    data["evaluate"]["baselines"] = {"sft": {"alpha": 0.0}}
+    assert "moved to distill.students" in config_error(data)
+
+
+def test_students_are_overrides_of_the_main_objective():
+    data = demo_dict()
+    data["distill"]["students"] = {"no_cross_b": {"objective": {"ot": {"pairs": {"cross_b": 0.0}}}},
+                                   "short": {"training": {"steps": 10}}}
+    cfg = parse_config(data)
+    st = {s.label: s for s in cfg.students()}
+    assert list(st) == ["cot2align", "no_cross_b", "short"]
+    assert st["no_cross_b"].objective.ot.pairs == {"main": 1.0, "cross_a": 1.0, "cross_b": 0.0}
+    assert st["no_cross_b"].objective.kd_base == cfg.distill.objective.kd_base
+    assert st["short"].training.steps == 10 and st["short"].training.lr == cfg.distill.training.lr
+    assert st["short"].objective == cfg.distill.objective
+
+
+def test_a_student_may_not_take_the_main_students_label():
+    data = demo_dict()
+    data["distill"]["students"]["cot2align"] = {}
+    assert "the label is the main student's" in config_error(data)
+
+
+def test_selection_needs_a_dev_split():
+    data = demo_dict()
+    data["distill"]["selection"] = {"every": 100}
+    data["data"]["demo"]["n_dev"] = 0
+    assert "needs a dev split" not in str(parse_config(copy.deepcopy(demo_dict())))
+    assert "selects the best checkpoint on a dev split" in config_error(data)
 
 
 def test_a_typo_in_a_top_level_section_name():
@@ -175,10 +210,10 @@ def test_same_vocabulary_kd_with_different_tokenizers_is_refused():
     assert "dskd, uld or mined" in msg
 
 
-def test_same_vocabulary_kd_in_a_baseline_is_refused():
+def test_same_vocabulary_kd_in_a_student_is_refused():
     data = demo_dict()
-    data["evaluate"]["baselines"]["kl"] = {"alpha": 0.5, "kd_base": "js", "ot": None}
-    assert "evaluate.baselines.kl.kd_base 'js' needs one vocabulary" in config_error(data)
+    data["distill"]["students"]["kl"] = {"objective": {"alpha": 0.5, "kd_base": "js", "ot": None}}
+    assert "distill.students.kl.objective.kd_base 'js' needs one vocabulary" in config_error(data)
 
 
 def test_same_vocabulary_kd_with_one_scratch_and_one_pretrained_is_refused():
@@ -299,83 +334,3 @@ def test_overrides_do_not_touch_the_file(tmp_path):
     load_config(path, ["generate.temperature=0.3"])
     assert path.read_text() == before
     assert load_config(path).generate.temperature == 1.0
-
-
-# --------------------------------------------------------------------------- stage params
-def params_of(overrides: list[str] | None = None, path: Path = REPO / "configs" / "demo.yaml"):
-    cfg = load_config(path, overrides or [])
-    return {s: stage_params(cfg, s) for s in STAGES}
-
-
-def changed_stages(override: str, path: Path = REPO / "configs" / "demo.yaml") -> set[str]:
-    base, new = params_of(path=path), params_of([override], path=path)
-    return {s for s in STAGES if base[s] != new[s]}
-
-
-def test_stage_params_are_deterministic():
-    assert params_of() == params_of()
-
-
-def test_changing_evaluate_seeds_leaves_every_other_stage_alone():
-    base, new = params_of(), params_of(["evaluate.seeds=[9]"])
-    assert base["distill"] == new["distill"]
-    assert changed_stages("evaluate.seeds=[9]") == {"evaluate"}
-
-
-def test_changing_the_distill_lr_leaves_tokenize_alone():
-    base, new = params_of(), params_of(["distill.training.lr=0.01"])
-    assert base["tokenize"] == new["tokenize"]
-    assert changed_stages("distill.training.lr=0.01") == {"distill"}
-
-
-PAPER = REPO / "configs" / "qwen1.5-1.8b_to_gpt2-base.yaml"
-
-
-@pytest.mark.parametrize("override, stages, path", [
-    ("generate.temperature=0.7", {"generate"}, None),
-    ("tokenize.max_length=300", {"tokenize"}, None),
-    ("tokenize.max_prompt_length=100", {"teacher_sft", "tokenize"}, None),
-    ("cache_teacher.dtype=bfloat16", {"cache_teacher"}, None),
-    ("cache_teacher.batch_size=3", set(), None),
-    ("cache_teacher.device=cpu", set(), None),
-    ("distill.training.device=cpu", set(), None),
-    ("distill.objective.alpha=0.3", {"distill"}, None),
-    ("teacher_sft.training.steps=31", {"teacher_sft"}, None),
-    ("data.demo.n_train=100", {"prepare"}, None),
-    ("seed=1", {"teacher_sft", "distill"}, None),
-    ("student.scratch.hidden_size=128", {"distill"}, None),
-    ("student.scratch.tokenizer.vocab_size=500", {"prepare", "distill"}, None),
-    ("teacher.scratch.num_layers=2", {"teacher_sft", "generate", "cache_teacher"}, None),
-    # What a stage reads through an upstream artifact is left to that artifact's fingerprint:
-    # a student's dtype or LoRA rank reruns distill (and evaluate through it), not prepare,
-    # the teacher's SFT or its generation.
-    ("student.dtype=bfloat16", {"distill"}, PAPER),
-    ("student.lora_rank=8", {"distill"}, PAPER),
-    ("student.pretrained=gpt2-medium", {"tokenize", "distill"}, PAPER),
-    ("teacher.dtype=float32", {"teacher_sft", "generate", "cache_teacher"}, PAPER),
-    ("teacher_sft.training.max_length=300", {"teacher_sft"}, PAPER),
-])
-def test_a_parameter_reaches_exactly_the_stages_that_read_it(override, stages, path):
-    assert changed_stages(override, path or REPO / "configs" / "demo.yaml") == stages
-
-
-def test_a_pretrained_teacher_without_sft_still_fingerprints_the_teacher():
-    over = ["teacher_sft.enabled=false"]
-    base = params_of(over, PAPER)
-    new = params_of(over + ["teacher.pretrained=Qwen/Qwen1.5-4B"], PAPER)
-    assert {s for s in STAGES if base[s] != new[s]} >= {"generate", "tokenize", "cache_teacher"}
-
-
-def test_a_baseline_that_needs_logits_changes_what_is_cached():
-    data = demo_dict()
-    base = parse_config(copy.deepcopy(data))
-    data["evaluate"]["baselines"]["uld"] = {"alpha": 0.5, "kd_base": "uld", "ot": None}
-    new = parse_config(data)
-    assert base.needed_topk() == 0 and new.needed_topk() == 64
-    assert stage_params(base, "cache_teacher") != stage_params(new, "cache_teacher")
-    assert stage_params(base, "distill") == stage_params(new, "distill")
-
-
-def test_an_unknown_stage():
-    with pytest.raises(ConfigError, match="unknown stage 'train'.*prepare"):
-        stage_params(load_config(REPO / "configs" / "demo.yaml"), "train")

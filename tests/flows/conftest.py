@@ -52,6 +52,7 @@ def tiny_config_dict(store: Path) -> dict:
     cfg["tokenize"]["shard_size"] = 32
     cfg["cache_teacher"].update(batch_size=16)
     cfg["distill"]["training"].update(steps=6, batch_size=8, checkpoint_every=2)
+    cfg["distill"]["students"] = {"sft": cfg["distill"]["students"]["sft"]}  # one baseline
     cfg["evaluate"].update(seeds=[0, 1], max_rows=4, max_tokens=16, backend="hf")
     return cfg
 

@@ -112,7 +112,7 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(shared_tokenizer_
     cfg = tiny_config_dict(Path("unused"))
     cfg["student"] = {"pretrained": str(shared_tokenizer_dir("gpt2-base"))}
     cfg["distill"]["objective"]["kd_base"] = "uld"
-    cfg["evaluate"]["baselines"] = {}
+    cfg["distill"]["students"] = {}
     with caplog.at_level(logging.WARNING, logger="cot2align"):
         tok = load_side_tokenizer(parse_config(cfg), "student", {})
     assert tok.pad_token_id is None and pad_token_id(tok) == tok.eos_token_id

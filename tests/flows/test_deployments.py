@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from prefect.flows import Flow, load_flow_from_entrypoint
 
-from cot2align_core.config import STAGES
+from tasks.registry import STAGE_NAMES
 from tests.flows.conftest import REPO
 
 
@@ -13,7 +13,7 @@ def test_every_deployment_entrypoint_is_a_flow_and_the_pipeline_is_scheduled(mon
     monkeypatch.chdir(REPO)
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"nightly", *STAGES}
+    assert set(deployments) == {"nightly", *STAGE_NAMES}
     for name, d in deployments.items():
         flow = load_flow_from_entrypoint(d["entrypoint"])
         assert isinstance(flow, Flow), name

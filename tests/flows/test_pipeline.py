@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 from cot2align_core.config import load_config
 from storage.store import ArtifactStore, open_artifact, verify
-from tasks.common import plan
+from tasks.registry import plan
 from tests.flows.conftest import run_cli, tiny_config_dict, write_config
 
 pytestmark = pytest.mark.slow
 
-ALL = ["prepare", "teacher_sft", "generate", "tokenize", "cache_teacher", "distill",
-       "distill:sft", "evaluate"]
+MAIN, SFT = "distill[cot2align,seed=0]", "distill[sft,seed=0]"
+ALL = ["prepare", "teacher_sft", "generate", "tokenize", "cache_teacher", MAIN, SFT, "evaluate"]
 
 
 def manifest_mtimes(results: dict) -> dict[str, float]:
@@ -49,18 +49,21 @@ def test_every_stage_writes_a_complete_verifiable_artifact(tiny_run):
     assert cache.rows == tok.read_kind("teacher").num_rows
     ev = open_artifact(results["evaluate"]["path"])
     metrics = ev.read_table("metrics").to_pylist()
-    assert {(m["model"], m["form"]) for m in metrics} == {
-        (model, form) for model in ("cot2align", "sft", "teacher") for form in ("standard", "cot")}
-    assert all(m["n_seeds"] == 2 for m in metrics)
+    assert {(m["model"], m["form"], m["decoding"]) for m in metrics} == {
+        (model, form, dec) for model in ("cot2align", "sft", "teacher")
+        for form in ("standard", "cot") for dec in ("greedy", "sampled")}
+    assert all(m["n_seeds"] == 1 for m in metrics)  # one training seed
+    diffs = ev.read_table("differences").to_pylist()
+    assert {(d["model"], d["reference"]) for d in diffs} == {("cot2align", "sft")}
     report = Path(results["evaluate"]["summary"]["report"])
     text = report.read_text()
-    for png in ("loss_curves.png", "metrics.png", "transport_plan.png"):
+    for png in ("loss_curves.png", "metrics.png", "transport_plan.png", "differences.png"):
         assert (report.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png in text
     # The distilled student is a plain transformers checkpoint.
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(Path(results["distill"]["path"]) / "model")
+    AutoModelForCausalLM.from_pretrained(Path(results[MAIN]["path"]) / "model")
 
 
 def test_prefect_records_the_run_and_its_artifacts(tiny_run):
@@ -70,9 +73,9 @@ def test_prefect_records_the_run_and_its_artifacts(tiny_run):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["cot2align-metrics", "cot2align-run-summary",
-                                        "stage-distill", "stage-generate"])))
-        assert {a.key for a in arts} >= {"cot2align-metrics", "cot2align-run-summary",
-                                         "stage-distill", "stage-generate"}
+                                        "stage-distill-cot2align-seed-0", "stage-generate"])))
+        assert {a.key for a in arts} >= {"cot2align-run-summary", "stage-distill-cot2align-seed-0",
+                                         "stage-generate"}
         runs = client.read_flow_runs()
         assert any(r.state.is_completed() for r in runs)
 
@@ -90,18 +93,18 @@ def test_rerun_recomputes_nothing(tiny_run):
 
 @pytest.mark.parametrize("override, changed", [
     ("evaluate.seeds=[3]", {"evaluate"}),
-    ("distill.training.lr=0.001", {"distill", "distill:sft", "evaluate"}),
-    ("distill.objective.alpha=0.3", {"distill", "evaluate"}),
-    ("generate.temperature=0.7", {"generate", "tokenize", "cache_teacher", "distill",
-                                  "distill:sft", "evaluate"}),
-    ("cache_teacher.dtype=bfloat16", {"cache_teacher", "distill", "distill:sft", "evaluate"}),
+    ("distill.training.lr=0.001", {MAIN, SFT, "evaluate"}),
+    ("distill.objective.alpha=0.3", {MAIN, "evaluate"}),
+    ("generate.temperature=0.7", {"generate", "tokenize", "cache_teacher", MAIN, SFT,
+                                  "evaluate"}),
+    ("cache_teacher.dtype=bfloat16", {"cache_teacher", MAIN, SFT, "evaluate"}),
     ("teacher_sft.training.steps=31", set(ALL) - {"prepare"}),
 ])
 def test_a_parameter_change_invalidates_exactly_the_downstream_stages(tiny_run, override, changed):
     config = tiny_run[0]
     base = plan(load_config(config))
     new = plan(load_config(config, [override]))
-    assert {k for k in base if base[k] != new[k]} == changed
+    assert {str(k) for k in base if base[k] != new[k]} == changed
 
 
 def test_one_stage_rerun_touches_nothing_else(tiny_run, prefect_api_url):
@@ -122,7 +125,7 @@ def test_a_stage_without_its_upstream_says_what_to_run(tmp_path, tiny_run, capsy
 
     cfg = tiny_config_dict(tmp_path / "empty-store")
     config = write_config(tmp_path / "c.yaml", cfg)
-    assert main(["stage", "distill", str(config)]) == 2
+    assert main(["stage", "distill", str(config), "--student", "cot2align"]) == 2
     err = capsys.readouterr().err
     assert "needs the 'prepare' artifact" in err and "cot2align stage prepare" in err
 
@@ -130,14 +133,14 @@ def test_a_stage_without_its_upstream_says_what_to_run(tmp_path, tiny_run, capsy
 UPSTREAM = {
     "generate": ["prepare", "teacher_sft"],
     "cache_teacher": ["prepare", "teacher_sft", "generate", "tokenize"],
-    "distill": ["prepare", "teacher_sft", "generate", "tokenize", "cache_teacher"],
+    MAIN: ["prepare", "teacher_sft", "generate", "tokenize", "cache_teacher"],
 }
 
 
 @pytest.mark.parametrize("stage, kill_at", [
     ("generate", "generate:shard:1"),
     ("cache_teacher", "cache_teacher:shard:1"),
-    ("distill", "distill:step:5"),
+    (MAIN, "distill:step:5"),
 ])
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tiny_run, prefect_api_url, tmp_path,
                                                             stage, kill_at):
@@ -145,17 +148,18 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tiny_run, prefect_ap
     store_b = tmp_path / "store"
     for up in UPSTREAM[stage]:
         src = Path(results[up]["path"])
-        shutil.copytree(src, store_b / up / src.name)
+        shutil.copytree(src, store_b / src.parent.name / src.name)
     config_b = write_config(tmp_path / "tiny.yaml", tiny_config_dict(store_b))
-    args = ["stage", stage, str(config_b)]
-    if stage == "distill":
-        args += ["--set", "evaluate.baselines={}"]  # the main student only
+    name = stage.split("[")[0]
+    args = ["stage", name, str(config_b)]
+    if name == "distill":
+        args += ["--student", "cot2align"]  # the main student only
     killed = run_cli(args, prefect_api_url, env={"COT2ALIGN_KILL_AT": kill_at})
     assert killed.returncode == -9, killed.stderr[-3000:]
     fp = results[stage]["fingerprint"]
-    partial = store_b / stage / fp
+    partial = store_b / name / fp
     assert partial.is_dir() and not (partial / "manifest.json").exists()
-    if stage == "distill":
+    if name == "distill":
         assert sorted(p.name for p in (partial / "checkpoints").iterdir())  # steps 2 and 4 kept
     else:
         assert len(list(partial.glob("*.parquet"))) == 1
@@ -163,9 +167,9 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tiny_run, prefect_ap
     resumed = run_cli(args, prefect_api_url)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = open_artifact(results[stage]["path"]), open_artifact(partial)
-    if stage != "distill":
+    if name != "distill":
         assert len(b.manifest["resumed"]["shards_reused"]) == 1  # the shard written before the kill
-    if stage == "distill":
+    if name == "distill":
         wa = load_file(Path(a.path) / "model" / "model.safetensors")
         wb = load_file(Path(b.path) / "model" / "model.safetensors")
         assert wa.keys() == wb.keys()
@@ -191,7 +195,7 @@ def test_cli_inspects_verifies_and_lists_pipeline_artifacts(tiny_run, capsys):
     assert main(["inspect", results["cache_teacher"]["path"]]) == 0
     out = capsys.readouterr().out
     assert "kind 'cache'" in out and "std" in out and "finite" in out  # per-layer stats
-    assert main(["verify", results["distill"]["path"]]) == 0
+    assert main(["verify", results[MAIN]["path"]]) == 0
     assert main(["ls", str(store)]) == 0
     listing = capsys.readouterr().out
     assert all(r["fingerprint"] in listing for r in results.values())
