@@ -435,6 +435,7 @@ def _as_2d_array(plan: Any) -> np.ndarray:
     return arr
 
 
+_REL_MIN, _REL_MAX = 0.1, 10.0  # colour range of the plan, relative to the uniform plan
 _LABEL_PITCH_IN = 0.14  # inches per tick label at fontsize 7: denser labels overlap
 _CELL_IN = 0.16  # inches per token while the figure grows with the sequence
 _MAX_AXIS_IN = 13.0
@@ -460,7 +461,9 @@ def transport_plan_figure(
 
     The figure grows with the sequence lengths (0.16 in per token) up to 13 in per axis; past
     what fits, every k-th token is labelled as ``"i:token"`` (the heatmap keeps every cell).
-    Values are the plan's entries as given (mass; with uniform marginals each row sums to 1/n),
+    Colours show each cell's mass relative to the uniform plan, :math:`n m T_{ij}` (1 = the
+    mass every cell has in the uniform plan ``a b^T``), on a fixed logarithmic scale from 1/10
+    to 10x uniform: a plan that is nearly uniform looks flat, not rescaled into structure.
     NaN cells are drawn blank.
     """
     arr = _as_2d_array(plan)
@@ -478,10 +481,14 @@ def transport_plan_figure(
     h_axis = min(_MAX_AXIS_IN, max(2.0, n * _CELL_IN))
     fig = _new_figure(w_axis + label_margin + 1.6, h_axis + label_margin + 0.9)
     ax = fig.add_subplot()
-    masked = np.ma.masked_invalid(arr)
-    image = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap)
+    from matplotlib.colors import LogNorm
+
+    with np.errstate(invalid="ignore"):
+        relative = np.where(np.isfinite(arr), np.maximum(arr * (n * m), _REL_MIN), np.nan)
+    image = ax.imshow(np.ma.masked_invalid(relative), aspect="auto", interpolation="nearest",
+                      cmap=cmap, norm=LogNorm(vmin=_REL_MIN, vmax=_REL_MAX, clip=True))
     cbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-    cbar.set_label("transport mass T_ij", parse_math=False)
+    cbar.set_label("mass / uniform mass (n m T_ij; 1 = uniform plan)", parse_math=False)
 
     def labels(tokens, idx, indexed):
         out = [display_token(tokens[i], max_label_chars, byte_level_markers) for i in idx]

@@ -321,3 +321,56 @@ def test_write_report_empty_sections(tmp_path):
                         stage_summaries={}, images={}, samples=[])
     text = path.read_text(encoding="utf-8")
     assert "_No metrics._" in text and "_No samples._" in text and "## Figures" not in text
+
+
+def test_transport_plan_colours_are_relative_to_the_uniform_plan():
+    """A uniform plan is one flat colour (the middle of a fixed scale), not rescaled into
+    apparent structure; a sharp plan reaches the top of the same scale."""
+    import numpy as np
+
+    n, m = 5, 7
+    uniform = np.full((n, m), 1.0 / (n * m))
+    uniform[0, 0] *= 1.02  # tiny noise must not become contrast
+    fig = transport_plan_figure(uniform, list("abcde"), list("ABCDEFG"))
+    image = fig.axes[0].images[0]
+    values = image.norm(image.get_array())
+    assert float(values.max() - values.min()) < 0.01
+    assert abs(float(values.mean()) - 0.5) < 0.01  # 1x uniform sits mid-scale
+    assert "uniform" in fig.axes[1].get_ylabel()
+    sharp = np.zeros((n, m))
+    sharp[np.arange(n), np.arange(n)] = 1.0 / n
+    image = transport_plan_figure(sharp, list("abcde"), list("ABCDEFG")).axes[0].images[0]
+    assert float(image.norm(image.get_array()).max()) > 0.9
+
+
+def test_the_paper_table_has_one_column_per_form_decoding_and_metric(tmp_path):
+    rows = []
+    for model, base in (("cot2align", 70.0), ("sft", 60.0)):
+        for form in ("standard", "cot"):
+            for dec in ("greedy", "sampled"):
+                for metric in ("exact_match", "rougeL"):
+                    rows.append(dict(model=model, form=form, decoding=dec, metric=metric,
+                                     mean=base, std=1.0, n_seeds=3))
+    diffs = [dict(model="cot2align", reference="sft", form="standard", decoding="greedy",
+                  metric=m, diff=10.0, low=4.0, high=16.0, n_seeds=3, n_rows=100)
+             for m in ("exact_match", "rougeL")]
+    path = write_report(tmp_path, title="t", config_summary={}, metrics_table=rows,
+                        stage_summaries={}, images={}, samples=[], differences=diffs)
+    text = path.read_text()
+    # rougeL equals exact match on every row: shown once, and said so.
+    assert "| model | standard greedy exact_match | standard sampled exact_match |" in text
+    assert "standard greedy rougeL" not in text and "rougeL equals another metric" in text
+    assert "| cot2align | 70.00 ± 1.00 |" in text and "| 3 |" in text
+    assert "## Paired differences" in text and "[+4.00, +16.00] *" in text
+
+
+def test_differences_figure_marks_intervals_that_exclude_zero(tmp_path):
+    from cot2align_core.report import differences_figure, plot_differences
+
+    diffs = [dict(model="a", reference="sft", form="standard", decoding="greedy",
+                  metric="exact_match", diff=d, low=lo, high=hi, n_seeds=3, n_rows=50)
+             for d, lo, hi in ((5.0, 1.0, 9.0), (-1.0, -4.0, 2.0))]
+    fig = differences_figure(diffs)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["a - sft | standard greedy exact_match"] * 2
+    _check_png(plot_differences(diffs, tmp_path / "d.png"))
