@@ -28,7 +28,7 @@ def teacher_rows(model, rows: list[dict], *, layers: list[int], dtype: torch.dty
         att = torch.zeros_like(ids)
         for i, r in enumerate(batch):
             n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)  # copies Arrow's read-only buffer
             att[i, :n] = 1
         out = model(input_ids=ids.to(device), attention_mask=att.to(device),
                     output_hidden_states=True)

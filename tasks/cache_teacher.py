@@ -22,7 +22,7 @@ from storage.teacher_cache import TeacherCacheWriter
 from storage.teacher_embeddings import save_teacher_embeddings
 from tasks.common import StageRef, load_side_tokenizer, resolve_device, teacher_model_path
 from tasks.registry import StageKey
-from tasks.stage import Progress, kill_point, run_stage
+from tasks.stage import Progress, kill_point, run_shard, run_stage
 
 
 @task(name="cache-teacher-shard", task_run_name="cache_teacher-{out_name}", retries=2,
@@ -64,7 +64,7 @@ def cache_teacher_stage(cfg: PipelineConfig, key: StageKey, fp: str,
             save_teacher_embeddings(w, embed, head)
         with Progress(len(todo), "cache_teacher: shards") as bar:
             for name in todo:
-                cache_shard(cfg, w, tokenized, name, name.replace("teacher", "cache"), model,
+                run_shard(cache_shard, cfg, w, tokenized, name, name.replace("teacher", "cache"), model,
                             pad_token_id(tok), device)
                 bar.update()
                 kill_point("cache_teacher", "shard", len(w.done_shards()))

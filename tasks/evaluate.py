@@ -26,7 +26,7 @@ from storage.store import open_artifact
 from tasks.common import StageRef, logger, resolve_device, teacher_model_path
 from tasks.registry import StageKey
 from tasks.report import write_evaluation_report
-from tasks.stage import Progress, run_stage
+from tasks.stage import Progress, publish_table, run_stage
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ def evaluate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
         diffs = paired_differences(generations, comparison_pairs(cfg),
                                    n_boot=cfg.evaluate.bootstrap)
         w.write_shard("metrics", pa.Table.from_pylist(table), kind="metrics")
+        publish_table(table, "cot2align-metrics", "Evaluation metrics: mean and std over "
+                      "training seeds")
         if diffs:
             w.write_shard("differences", pa.Table.from_pylist(diffs), kind="differences")
         report = write_evaluation_report(w.file_path("report"), cfg, upstream, rows, generations,

@@ -21,7 +21,7 @@ from storage.schemas import rationales_table, read_rows
 from storage.store import open_artifact
 from tasks.common import StageRef, logger, resolve_device, teacher_model_path
 from tasks.registry import StageKey
-from tasks.stage import Progress, kill_point, run_stage
+from tasks.stage import Progress, kill_point, run_shard, run_stage
 
 def judge(cfg: PipelineConfig, rationale: str, answer_text: str,
           gold: str) -> tuple[str, bool, str | None]:
@@ -97,7 +97,7 @@ def generate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
             try:
                 with Progress(len(todo), "generate: rationale shards") as bar:
                     for name in todo:
-                        generate_shard(cfg, w, name, shards[name], backend)
+                        run_shard(generate_shard, cfg, w, name, shards[name], backend)
                         bar.update()
                         kill_point("generate", "shard", len(w.done_shards()))
             finally:

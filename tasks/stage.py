@@ -57,18 +57,40 @@ def run_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, S
     return StageRef(label, fp, str(art.path), reused=False, seconds=seconds, summary=summary)
 
 
-def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
-    try:
-        from prefect.artifacts import create_markdown_artifact
-        from prefect.context import get_run_context
+def run_shard(shard_task, *args, **kwargs):
+    """Run one shard: as a Prefect task inside a flow run (named, retried, on the flow's task
+    runner), as the plain function outside one (tests, notebooks: no server needed)."""
+    from prefect.context import FlowRunContext
 
-        get_run_context()
-    except Exception:  # outside a Prefect run: nothing to publish
+    if FlowRunContext.get() is None:
+        return shard_task.fn(*args, **kwargs)
+    return shard_task(*args, **kwargs)
+
+
+def _in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
+    if not _in_prefect_run():  # outside a Prefect run: nothing to publish
         return
+    from prefect.artifacts import create_markdown_artifact
     lines = [f"## {label}", "", f"- artifact: `{art.path}`", f"- seconds: {seconds:.1f}"]
     lines += [f"- {k}: {v}" for k, v in summary.items() if not isinstance(v, (dict, list))]
     key = "stage-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     create_markdown_artifact("\n".join(lines), key=key, description=f"{label} stage output")
+
+
+def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    """A Prefect table artifact inside a run (floats rounded to 2 places); nothing outside."""
+    if not _in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact([{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+                           for r in rows], key=key, description=description)
 
 
 class Progress:
@@ -81,12 +103,10 @@ class Progress:
         self.done = 0
         self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
         self._artifact = None
-        try:
+        if _in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
             self._artifact = create_progress_artifact(0.0, description=desc)
-        except Exception:
-            self._artifact = None
 
     def update(self, n: int = 1) -> None:
         self.done += n

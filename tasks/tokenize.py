@@ -18,7 +18,7 @@ from storage.schemas import read_rows, tokenized_table
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, tokenizer_path
 from tasks.registry import StageKey
-from tasks.stage import Progress, run_stage
+from tasks.stage import Progress, run_shard, run_stage
 
 
 def chosen_rationales(generate_artifact) -> dict[str, str]:
@@ -96,7 +96,8 @@ def tokenize_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
         with Progress(len(chunks), "tokenize: shards") as bar:
             for i, chunk in enumerate(chunks):
                 if not (w.has_shard(f"teacher-{i:05d}") and w.has_shard(f"student-{i:05d}")):
-                    truncated += tokenize_shard(cfg, w, i, chunk, toks, mined)["truncated"]
+                    truncated += run_shard(tokenize_shard, cfg, w, i, chunk, toks,
+                                           mined)["truncated"]
                 bar.update()
         n_cot = sum(1 for _, f, _ in items if f == "cot")
         return {"examples": len(rows), "standard": len(rows), "cot": n_cot,

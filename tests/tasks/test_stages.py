@@ -1,0 +1,99 @@
+"""The task layer on its own (no Prefect server): each stage's task function writes its
+artifact from its upstream references, reuses a complete one, and evaluate compares the
+students the config declares."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from tasks.common import StageError, upstream_refs
+from tasks.registry import StageKey, plan
+from tests.tasks.conftest import artifact
+
+
+def test_every_instance_is_written_once_with_its_fingerprint(task_store):
+    cfg, refs = task_store
+    fps = {str(k): v for k, v in plan(cfg).items()}
+    assert list(refs) == list(fps)
+    for key, ref in refs.items():
+        assert ref.key == key and ref.fingerprint == fps[key] and not ref.reused
+        art = artifact(ref)
+        assert art.fingerprint == fps[key] and art.verify().ok, key
+
+
+def test_prepare_writes_train_dev_and_eval(task_store):
+    cfg, refs = task_store
+    art = artifact(refs["prepare"])
+    assert {s.name for s in art.shards} == {"train", "dev", "eval"}
+    ids = {split: {r["id"] for r in art.read_table(split).to_pylist()}
+           for split in ("train", "dev", "eval")}
+    assert not ids["train"] & ids["dev"] and not ids["dev"] & ids["eval"]
+    assert len(ids["dev"]) == cfg.data.demo.n_dev
+
+
+def test_a_complete_artifact_is_reused_untouched(task_store):
+    from tasks.tokenize import tokenize_stage
+
+    cfg, refs = task_store
+    ref = refs["tokenize"]
+    manifest = os.path.join(ref.path, "manifest.json")
+    before = os.stat(manifest).st_mtime_ns
+    key = StageKey("tokenize")
+    again = tokenize_stage.fn(cfg, key, ref.fingerprint,
+                              {k: refs[k] for k in ("prepare", "generate")})
+    assert again.reused and again.path == ref.path
+    assert os.stat(manifest).st_mtime_ns == before
+
+
+def test_each_student_trains_with_its_own_objective(task_store):
+    cfg, refs = task_store
+    hist = {label: artifact(refs[f"distill[{label},seed=0]"]).read_table("history").to_pylist()
+            for label in ("cot2align", "sft", "dskd")}
+    assert all(h[-1]["step"] == cfg.distill.training.steps for h in hist.values())
+    assert all(r["kd"] == 0 and r["ot"] == 0 for r in hist["sft"])
+    assert all(r["kd"] > 0 and r["ot"] == 0 for r in hist["dskd"])
+    assert all(r["kd"] > 0 and r["ot"] > 0 for r in hist["cot2align"])
+    summaries = {label: refs[f"distill[{label},seed=0]"].summary["objective"]
+                 for label in hist}
+    assert summaries == {"cot2align": "dskd+ot", "sft": "sft", "dskd": "dskd"}
+
+
+def test_evaluate_scores_every_model_and_compares_with_the_references(task_store):
+    cfg, refs = task_store
+    art = artifact(refs["evaluate"])
+    gens = art.read_kind("generations").to_pylist()
+    n_rows = cfg.evaluate.max_rows
+    models = {(g["model"], g["seed_of_model"]) for g in gens}
+    assert models == {("cot2align", 0), ("sft", 0), ("dskd", 0), ("teacher", None)}
+    per_model = len(cfg.evaluate.forms) * (1 + len(cfg.evaluate.seeds)) * n_rows
+    assert len(gens) == len(models) * per_model
+    diffs = art.read_table("differences").to_pylist()
+    assert {(d["model"], d["reference"]) for d in diffs} == {
+        ("cot2align", "sft"), ("cot2align", "dskd"), ("dskd", "sft")}
+    assert all(d["low"] <= d["diff"] <= d["high"] for d in diffs)
+    metrics = art.read_table("metrics").to_pylist()
+    teacher = [m for m in metrics if m["model"] == "teacher"]
+    assert teacher and all(m["n_seeds"] == 1 and math.isnan(m["std"]) for m in teacher)
+
+
+def test_the_report_shows_only_the_terms_each_model_trained_with(task_store):
+    from tasks.report import first_seed_histories
+
+    cfg, refs = task_store
+    runs = first_seed_histories(cfg, refs)
+    assert "kd" not in runs["sft"][0] and "ot" not in runs["sft"][0]
+    assert "ot" not in runs["dskd"][0] and "kd" in runs["dskd"][0]
+    assert {"kd", "ot"} <= set(runs["cot2align"][0])
+    report = os.path.join(refs["evaluate"].path, "report", "report.md")
+    text = open(report, encoding="utf-8").read()
+    assert "## Paired differences" in text and "differences.png" in text
+
+
+def test_a_missing_upstream_names_the_artifact_and_the_command(task_cfg, tmp_path):
+    from storage.store import ArtifactStore
+
+    cfg = task_cfg.model_copy(update={"store": str(tmp_path / "empty")})
+    with pytest.raises(StageError, match=r"needs the 'prepare' artifact.*cot2align stage prepare"):
+        upstream_refs(ArtifactStore(cfg.store), cfg, StageKey("distill", "sft", 0))
