@@ -544,11 +544,10 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig
         raise ConfigError("\n".join([f"invalid config {source}:", *err.lines])) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read and validate a YAML config. ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (give a path to a YAML config, e.g. configs/demo.yaml)")
+        raise ConfigError(f"config file not found: {path} (give a path to a YAML config, e.g. "
+                          "configs/demo.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -559,6 +558,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys, "
                           f"not a {type(data).__name__}")
+    return data
+
+
+def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML config, with ``extends: <file>`` resolved: the named config
+    (relative to this one's folder) is read first and this one's keys are merged over it,
+    section by section (a key set to null replaces the section)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"invalid config {path}: extends must be a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"invalid config {path}: extends {base} makes a cycle")
+    return _deep_merge(read_config_data(base_path, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config. ``overrides`` are ``dotted.key=value`` strings (YAML
+    values), applied after ``extends`` is resolved."""
+    data = read_config_data(path)
     for item in overrides or []:
         apply_override(data, item)
     source = str(path) + (f" (with --set {', '.join(overrides)})" if overrides else "")

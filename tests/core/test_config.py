@@ -334,3 +334,26 @@ def test_overrides_do_not_touch_the_file(tmp_path):
     load_config(path, ["generate.temperature=0.3"])
     assert path.read_text() == before
     assert load_config(path).generate.temperature == 1.0
+
+
+def test_extends_merges_a_config_over_another(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "grid.yaml").write_text(
+        "extends: ../base.yaml\nname: grid\ndistill:\n  seeds: [1, 2]\n  objective: {alpha: 0.3}\n")
+    (tmp_path / "base.yaml").write_text((REPO / "configs" / "demo.yaml").read_text())
+    cfg = load_config(tmp_path / "sub" / "grid.yaml", ["distill.objective.kd_temperature=1.5"])
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.name == "grid" and cfg.training_seeds() == [1, 2]
+    assert cfg.distill.objective.alpha == 0.3 and cfg.distill.objective.kd_temperature == 1.5
+    assert cfg.distill.objective.ot == demo.distill.objective.ot  # merged, not replaced
+    assert cfg.teacher == demo.teacher
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(tmp_path / "c.yaml")
