@@ -56,23 +56,6 @@ def teacher_tensors(cache_artifact, device: str) -> tuple[torch.Tensor, torch.Te
     return embed, (None if head is None else head.to(device=device, dtype=torch.float32))
 
 
-def _to(batch, device):
-    import dataclasses
-
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(device)
-        if dataclasses.is_dataclass(x):
-            return dataclasses.replace(x, **{f.name: move(getattr(x, f.name))
-                                             for f in dataclasses.fields(x)
-                                             if isinstance(getattr(x, f.name), torch.Tensor)})
-        return x
-
-    student, teacher = batch
-    return ({f: move(b) for f, b in student.items()},
-            None if teacher is None else {f: move(b) for f, b in teacher.items()})
-
-
 @task(name="distill", cache_policy=NONE)
 def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
                   force: bool = False, label: str = "distill") -> StageRef:
@@ -98,8 +81,8 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
                                         embed.shape[1]).to(device)
         pad = pad_token_id(tok)
 
-        def loss_fn(m, batch):
-            student, teacher = _to(batch, device)
+        def loss_fn(m, batch):  # train() moved the batch to the model's device
+            student, teacher = batch
             return objective(m, student, teacher, embed, head)
 
         extra = []
