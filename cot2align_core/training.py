@@ -239,7 +239,7 @@ def _update_best(run: _Run, metrics: Mapping[str, float], metric: str, mode: str
     """Save the model (and extra parameters) as the best state when ``metric`` improves
     strictly (a tie keeps the earlier step; NaN never improves)."""
     if metric not in metrics:
-        raise KeyError(f"select_metric {metric!r} is not among the metrics eval_fn returned "
+        raise ValueError(f"select_metric {metric!r} is not among the metrics eval_fn returned "
                        f"({sorted(metrics)}) at step {run.step}")
     value, best = metrics[metric], run.result.best_metric
     if math.isnan(value):
@@ -252,6 +252,16 @@ def _update_best(run: _Run, metrics: Mapping[str, float], metric: str, mode: str
         "metric": value,
     })
     run.result.best_step, run.result.best_metric = run.step, value
+
+
+def _adopt_saved_best(run: _Run, checkpointer: Checkpointer) -> None:
+    """After a resume: a best state saved after the checkpoint (the run was killed between an
+    improvement and its next checkpoint) is the best so far. With a deterministic eval_fn the
+    replayed steps reach it again; with a non-deterministic one (sampled generation) this keeps
+    the best state on disk and the one the loop tracks the same."""
+    found = checkpointer.load_best()
+    if found is not None and found[0] != run.result.best_step:
+        run.result.best_step, run.result.best_metric = found[0], float(found[1]["metric"])
 
 
 def _restore_best(run: _Run, checkpointer: Checkpointer) -> None:
@@ -516,6 +526,8 @@ def train(
     found = checkpointer.restore() if resume else None
     if found is not None:
         _load_checkpoint(run, *found, checkpointer)
+        if select_metric is not None:
+            _adopt_saved_best(run, checkpointer)
     else:
         if checkpointer is not None:
             checkpointer.remove_all()

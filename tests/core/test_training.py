@@ -143,7 +143,7 @@ def test_train_checks_its_arguments(tmp_path):
         train(model, sft_loss, toy_examples(), eval_fn=lambda m, s: {"loss": 1.0}, **kw)
     with pytest.raises(TypeError, match="numbers"):
         train(model, sft_loss, toy_examples(), eval_fn=lambda m, s: {"acc": "high"}, **kw)
-    with pytest.raises(KeyError, match="'acc'"):
+    with pytest.raises(ValueError, match="'acc'"):
         train(model, sft_loss, toy_examples(), eval_fn=lambda m, s: {"f1": 1.0}, select_metric="acc",
               checkpointer=ckpt, **kw)
     with pytest.raises(FloatingPointError):
@@ -243,6 +243,34 @@ def test_resume_is_exact_with_evaluation_and_selection_in_process(tmp_path):
     for a, b in zip(list(model.parameters()) + list(proj.parameters()),
                     list(ref_model.parameters()) + list(ref_proj.parameters()), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_best_state_saved_after_the_last_checkpoint_survives_a_crash(tmp_path):
+    """Killed after an improvement was saved but before the next checkpoint, then resumed with
+    an evaluation that does not give the same number again (sampled generation): the saved
+    best state stays the best, and is what restore_best loads."""
+    first = {3: 1.0, 6: 5.0}
+    replay = {6: 0.0, 9: 0.5, 12: 0.5}
+    weights_at = {}
+
+    def eval_from(table):
+        def eval_fn(model, step):
+            weights_at.setdefault(step, {k: v.clone() for k, v in model.state_dict().items()})
+            return {"score": table[step]}
+        return eval_fn
+
+    def crash_at_6(record):
+        if record["step"] == 6:
+            raise KeyboardInterrupt("killed")
+
+    ckpt = CheckpointDir(tmp_path / "ckpt")
+    kw = dict(eval_every=3, select_metric="score", checkpointer=ckpt, checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, eval_fn=eval_from(first), on_log=crash_at_6, **kw)
+    assert ckpt.steps() == [4] and ckpt.load_best()[0] == 6
+    model, _, res = _run(tmp_path, eval_fn=eval_from(replay), resume=True, restore_best=True, **kw)
+    assert res.resumed_from == 4 and (res.best_step, res.best_metric) == (6, 5.0)
+    assert all(torch.equal(v, weights_at[6][k]) for k, v in model.state_dict().items())
 
 
 def test_resume_refuses_a_planted_malicious_checkpoint(tmp_path):

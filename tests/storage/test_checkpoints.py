@@ -83,6 +83,11 @@ def test_memory_checkpoints():
         save_checkpoint(root, step, {"w": torch.full((2,), float(step))}, keep_last=2)
     assert [s for s, _ in list_checkpoints(root)] == [1, 2]
     assert torch.equal(load_checkpoint(latest_checkpoint(root))["w"], torch.full((2,), 2.0))
+    ckpts = CheckpointDir(root)
+    ckpts.save_best(1, {"w": torch.ones(2)})
+    assert ckpts.restore()[0] == 2 and ckpts.load_best()[0] == 1
+    ckpts.remove_all()
+    assert ckpts.restore() is None and ckpts.load_best() is None
 
 
 class RunsCode:
