@@ -375,7 +375,7 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
            batch_size: int, lr: float, steps: int | None, epochs: float | None,
            weight_decay: float, betas: tuple[float, float], schedule: str,
            warmup_steps: int | None, warmup_ratio: float, min_lr_ratio: float, seed: int,
-           shuffle: bool, drop_last: bool, block_size: int | None, signature: Mapping) -> _Run:
+           shuffle: bool, drop_last: bool, block_size: int | None, also_match: Mapping) -> _Run:
     """Data order, AdamW over the model and the extra groups, the LR schedule."""
     sampler = EpochSampler(n, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                            block_size=block_size)
@@ -393,7 +393,7 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
     # What must match for a checkpoint to be continued by this call.
     signature = {"total_steps": total_steps, "batch_size": batch_size, "n": n, "seed": seed,
                  "shuffle": shuffle, "drop_last": drop_last, "block_size": block_size,
-                 **signature}
+                 **also_match}
     return _Run(model=model, extra_params=extra_params,
                 all_params=[p for g in groups for p in g["params"]], optimizer=optimizer,
                 scheduler=scheduler, sampler=sampler, signature=signature,
@@ -519,7 +519,7 @@ def train(
                  schedule=schedule, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
                  min_lr_ratio=min_lr_ratio, seed=seed, shuffle=shuffle, drop_last=drop_last,
                  block_size=shuffle_block_size,
-                 signature={"eval_every": eval_every if eval_fn else 0,
+                 also_match={"eval_every": eval_every if eval_fn else 0,
                             "select_metric": select_metric, "select_mode": select_mode})
     total_steps = run.result.total_steps
     stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
