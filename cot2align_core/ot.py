@@ -21,17 +21,21 @@ Everything here is batched: ``B`` problems of different lengths are padded to ``
 solved by one set of tensor operations on the inputs' device; a zero weight marks a padded
 position. No Prefect, no config objects: plain tensors and keyword arguments.
 
-Choices made here, and why (see ``docs/METHOD.md``):
+Choices made here, and why. The method [4] fixes the loss (entropic OT between the uniform
+distributions over the response tokens, per layer, on top of a KD loss) but not a usable
+regularisation; the choices below are this implementation's:
 
-- ``eps`` is absolute, in cost units. The released code used ``eps = 10`` on a cost in
-  ``[0, 1]``: the plan is then almost the uniform ``a b^T`` and the loss is almost the mean
-  cost, so aligned and unrelated sequences score the same (0.9450 vs 0.9453 measured by the
-  authors). :data:`DEFAULT_EPS` is 0.05 on the cosine cost (range ``[0, 2]``). Measured with
-  :func:`discrimination_check` (10 seeds): aligned/unrelated ratio 0.42-0.45 (margin 0.19-0.21,
-  each student's own teacher retrieved among 32 every time), against 0.9992-0.9995 (retrieval
-  at chance) for the released setting, attention cost with eps = 10. A smaller eps does not
-  separate better (0.42 at eps = 0.01) and needs many more iterations; eps = 0.1 gives 0.52,
-  eps = 1 gives 0.94.
+- ``eps`` is absolute, in cost units. The released code of [4] used ``eps = 10`` on its
+  attention cost in ``[0, 1]``: the plan is then almost the uniform ``a b^T`` and the loss is
+  almost the mean cost, so aligned and unrelated sequences score the same (0.9450 vs 0.9453
+  measured on the released code). The loss is only useful if it separates the two, so
+  :data:`DEFAULT_EPS` is 0.05 on the cosine cost (range ``[0, 2]``), chosen with
+  ``benchmarks/ot_discrimination.py`` (synthetic student/teacher states of the same texts
+  through different tokenizers, 10 seeds of 32 held-out pairs): aligned/unrelated ratio
+  0.43-0.45 (margin 0.19-0.21, each student's own teacher retrieved among 32 every time),
+  against 0.9992-0.9996 (retrieval at chance) for the released setting, attention cost with
+  eps = 10. A smaller eps separates about as well (ratio 0.43 at eps = 0.01, with a smaller
+  margin) and needs many more iterations; eps = 0.1 gives 0.53, eps = 1 gives 0.94.
 - Hidden states are normalised before any cost (their scale differs by orders of magnitude
   between layers): the cosine cost is scale-free; the squared Euclidean cost is taken between
   L2-normalised vectors; the attention cost between RMS-normalised vectors.
@@ -68,7 +72,6 @@ __all__ = [
     "attention_cost",
     "pairwise_cost",
     "ot_alignment_loss",
-    "discrimination_check",
 ]
 
 #: Default cost between token representations (1 - cosine similarity, range [0, 2]).
@@ -360,6 +363,296 @@ def _safe_log(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, x, torch.ones_like(x)).log()
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """A batch of OT problems ready to iterate: what every block reads and never writes.
+
+    Weights are normalised to sum 1 (``a_w`` [B, n], ``b_w`` [B, m]; a problem with an empty
+    side is solved as a uniform dummy, ``live`` False, and zeroed by :func:`_finalise`), with
+    their logs (``_NEG`` at padded positions) and ``[B, 1, len]`` views ``a3``, ``b3``. The
+    costs are cut into ``groups`` ``(start, stop, rows, cols)`` of consecutive problems (one
+    group, the whole batch, except for large batches on CPU, see :func:`_groups`), each with
+    its cost box in the working dtype, 0 at padded entries (where the cost may even be NaN).
+    """
+
+    groups: list[tuple[int, int, int, int]]
+    costs: list[Tensor]
+    a_w: Tensor
+    b_w: Tensor
+    a3: Tensor
+    b3: Tensor
+    loga: Tensor
+    logb: Tensor
+    a_valid: Tensor
+    b_valid: Tensor
+    live: Tensor
+    eps: float
+    track_grad: bool
+
+    @property
+    def scale(self) -> float:
+        """The kernel exponent is ``scale * C = -C / eps``."""
+        return -1.0 / self.eps
+
+    @property
+    def whole(self) -> bool:
+        """One group that is the whole (uncropped) batch."""
+        B, n, m = self.a_w.shape[0], self.a_w.shape[1], self.b_w.shape[1]
+        return self.groups == [(0, B, n, m)]
+
+
+def _setup_problem(C: Tensor, a, b, eps: float, track_grad: bool, batched: bool) -> _Problem:
+    """Check and normalise the weights of the costs ``C`` [B, n, m]; cut the batch into groups."""
+    B, n, m = C.shape
+    wd, dev = _work_dtype(C.dtype), C.device
+    ref = torch.empty((), dtype=wd, device=dev)
+    a_w = _prepare_weights(a, B, n, "a", ref, batched)
+    b_w = _prepare_weights(b, B, m, "b", ref, batched)
+    tiny = torch.finfo(wd).tiny
+    empty = (a_w.sum(-1, keepdim=True) <= 0) | (b_w.sum(-1, keepdim=True) <= 0)  # [B, 1]
+    a_w = torch.where(empty, torch.ones_like(a_w), a_w)
+    b_w = torch.where(empty, torch.ones_like(b_w), b_w)
+    a_w = a_w / a_w.sum(-1, keepdim=True)
+    b_w = b_w / b_w.sum(-1, keepdim=True)
+    a_valid, b_valid = a_w > 0, b_w > 0
+    loga = torch.where(a_valid, a_w.clamp_min(tiny).log(), torch.full_like(a_w, _NEG))
+    logb = torch.where(b_valid, b_w.clamp_min(tiny).log(), torch.full_like(b_w, _NEG))
+    live = ~empty.squeeze(-1)  # [B]
+    if dev.type == "cpu" and not track_grad:
+        groups = _groups(a_valid, b_valid, ~live, torch.finfo(wd).bits // 8)
+    else:
+        groups = [(0, B, n, m)]
+    padded = a is not None or b is not None  # (and so possibly empty problems: cost 0 there)
+    zero = torch.zeros((), dtype=wd, device=dev)
+    costs = []
+    for s, e, nr, mc in groups:
+        Cg = C[s:e, :nr, :mc].to(wd)
+        if padded:
+            valid = a_valid[s:e, :nr].unsqueeze(-1) & b_valid[s:e, :mc].unsqueeze(-2)
+            Cg = torch.where(valid & live[s:e, None, None], Cg, zero)
+        costs.append(Cg)
+    return _Problem(groups, costs, a_w, b_w, a_w.unsqueeze(-2), b_w.unsqueeze(-2), loga, logb,
+                    a_valid, b_valid, live, eps, track_grad)
+
+
+@dataclass(frozen=True)
+class _Iterate:
+    """Where the iterations stand: the current plan is ``diag(alpha) T diag(beta)``.
+
+    ``u`` [B, n], ``v`` [B, m]: log-scalings; ``kernels``: per group, ``T = exp(K + u + v)``
+    cropped to the group's box, and its contiguous transpose (None for a single problem on
+    CPU); ``alpha3`` [B, 1, n], ``beta3`` [B, 1, m]: the plain-domain scalings not yet absorbed
+    into ``u, v``; ``rows3`` [B, 1, n] = ``T beta3`` (the invariant of the scaling iterations).
+    """
+
+    u: Tensor
+    v: Tensor
+    kernels: list[tuple[Tensor, Tensor | None]]
+    alpha3: Tensor
+    beta3: Tensor
+    rows3: Tensor
+
+
+def _absorb(p: _Problem, u: Tensor, v: Tensor) -> _Iterate:
+    """Form the kernel ``exp(K + u + v)`` of each group with unit scalings ([2])."""
+    kernels, rows3 = [], torch.zeros_like(p.a3)
+    for (s, e, nr, mc), Cg in zip(p.groups, p.costs):
+        T = _plan(Cg, p.scale, u[s:e, :nr], v[s:e, :mc], p.track_grad)
+        single = e - s == 1 and Cg.device.type == "cpu"
+        kernels.append((T, None if single else T.transpose(-1, -2).contiguous()))
+        if p.track_grad:
+            rows3 = T.sum(-1).unsqueeze(-2)  # a single group
+        else:
+            rows3[s:e, :, :nr] = T.sum(-1).unsqueeze(-2)
+    return _Iterate(u, v, kernels, torch.ones_like(p.a3), torch.ones_like(p.b3), rows3)
+
+
+def _fold(p: _Problem, it: _Iterate) -> tuple[Tensor, Tensor]:
+    """The log-scalings with the plain-domain scalings moved into them."""
+    return (it.u + _safe_log(it.alpha3.squeeze(-2), p.a_valid),
+            it.v + _safe_log(it.beta3.squeeze(-2), p.b_valid))
+
+
+def _log_block(p: _Problem, it: _Iterate, steps: int, update: Tensor) -> _Iterate:
+    """``steps`` log-domain iterations (:func:`_log_iterations`) for the problems where
+    ``update`` [B] is True; the others keep their log-scalings. Ends absorbed.
+
+    Stable for any ``eps``, but two passes of ``exp`` over ``B n m`` per iteration.
+    """
+    u, v = _fold(p, it)
+    if p.whole:
+        u_new, v_new = _log_iterations(p.costs[0], p.scale, p.loga, p.logb, u, v, steps,
+                                       p.track_grad)
+    else:
+        u_new, v_new = u.clone(), v.clone()
+        for (s, e, nr, mc), Cg in zip(p.groups, p.costs):
+            u_new[s:e, :nr], v_new[s:e, :mc] = _log_iterations(
+                Cg, p.scale, p.loga[s:e, :nr], p.logb[s:e, :mc], u[s:e, :nr], v[s:e, :mc],
+                steps, p.track_grad,
+            )
+    update = update.view(-1, 1)
+    return _absorb(p, torch.where(update, u_new, u), torch.where(update, v_new, v))
+
+
+def _scaling_block(p: _Problem, it: _Iterate, steps: int, done: Tensor, tau: float):
+    """``steps`` plain-domain iterations (:func:`_scaling_iterations`) on the absorbed kernels.
+
+    A problem whose scalings leave ``exp(+-tau)`` or stop being finite is ``bad`` (its kernel
+    is too far from the solution for the plain domain): it keeps its block-start state, as do
+    the ``done`` (converged, frozen) problems. Returns the new iterate and ``bad`` [B].
+    """
+    alpha_new, beta_new, rows_new = _scaling_iterations(
+        p.groups, it.kernels, p.a3, p.b3, it.beta3, it.rows3, steps
+    )
+    with torch.no_grad():
+        la = _safe_log(alpha_new.squeeze(-2), p.a_valid)
+        lb = _safe_log(beta_new.squeeze(-2), p.b_valid)
+        bad = ~done & ~(
+            (torch.isfinite(la) & (la.abs() <= tau)).all(-1)
+            & (torch.isfinite(lb) & (lb.abs() <= tau)).all(-1)
+            & torch.isfinite(rows_new.squeeze(-2)).all(-1)
+        )
+    keep = (done | bad).view(-1, 1, 1)
+    return _Iterate(it.u, it.v, it.kernels, torch.where(keep, it.alpha3, alpha_new),
+                    torch.where(keep, it.beta3, beta_new), torch.where(keep, it.rows3, rows_new)), bad
+
+
+def _check_block(p: _Problem, it: _Iterate, done: Tensor, bad: Tensor, tol: float, tau: float):
+    """The end-of-block check, with the one host sync per block.
+
+    Columns are exact after a beta update, so the marginal error is the rows' one,
+    ``||alpha * (T beta) - a||_1``; a problem at or below ``tol`` (and not ``bad``) is done.
+    Returns ``done`` [B] and the host booleans ``all_done``, ``any_bad`` and ``any_absorb``
+    (some scalings left ``exp(+-tau/2)``: time to absorb them into ``u, v``).
+    """
+    with torch.no_grad():
+        err = (it.alpha3 * it.rows3 - p.a3).abs().sum((-2, -1))
+        if tol > 0:  # tol = 0: no early stop, exactly max_iter iterations
+            done = done | ((err <= tol) & ~bad)
+        la = _safe_log(it.alpha3.squeeze(-2), p.a_valid).abs().amax(-1)
+        lb = _safe_log(it.beta3.squeeze(-2), p.b_valid).abs().amax(-1)
+        needs_absorb = (la > tau / 2) | (lb > tau / 2)
+        all_done, any_bad, any_absorb = torch.stack(
+            [done.all(), bad.any(), needs_absorb.any()]
+        ).tolist()
+    return done, all_done, any_bad, any_absorb
+
+
+def _kernel_marginal_error(p: _Problem, it: _Iterate) -> Tensor:
+    """``||T 1 - a||_1 + ||T^T 1 - b||_1`` [B] of the absorbed kernels (unit scalings)."""
+    with torch.no_grad():
+        cols = torch.zeros_like(p.b_w)
+        for (s, e, nr, mc), (T, _) in zip(p.groups, it.kernels):
+            cols[s:e, :mc] = T.sum(-2)
+        err = (it.rows3.squeeze(-2) - p.a_w).abs().sum(-1)
+        err += (cols - p.b_w).abs().sum(-1)
+    return err
+
+
+def _iterate(p: _Problem, max_iter: int, tol: float, check_every: int):
+    """The driver: blocks of ``check_every`` iterations until every problem is done.
+
+    A block is a scaling block (:func:`_scaling_block`), or a log block
+    (:func:`_log_block`) while ``log_blocks_left`` > 0: always in ``unroll`` mode (the log-sum-exp
+    backward is a softmax, well defined everywhere, where the scaling iterations' divisions could
+    give 0 * inf), and for a while after a scaling block failed. A failed ("bad") problem's block
+    is redone in the log domain at once, and the next blocks stay there, ``backoff`` of them
+    (doubling up to 16 on each failure, halving on each scaling block that succeeds). Scalings
+    that left ``exp(+-tau/2)`` are absorbed after a block. Returns the final iterate and the
+    iterations applied to each problem ``n_iter`` [B] (a problem stops once done).
+    """
+    # Scalings stay within exp(+-tau): with the kernel floor (see _exp_floor) all products are
+    # normal numbers.
+    tau = _tau(p.a_w.dtype)  # 21.8 in float32, 177 in float64
+    done = ~p.live  # problems with an empty side are not iterated
+    n_iter = torch.zeros_like(done, dtype=torch.int64)
+    log_blocks_left, backoff, it = (max_iter if p.track_grad else 0), 1, 0
+    state = _absorb(p, p.loga, p.logb)  # f = g = 0
+    while True:
+        steps = min(check_every, max_iter - it)
+        scaled = log_blocks_left == 0
+        if scaled:
+            state, bad = _scaling_block(p, state, steps, done, tau)
+        else:
+            log_blocks_left -= 1
+            state, bad = _log_block(p, state, steps, ~done), torch.zeros_like(done)
+        n_iter = n_iter + (~(done | bad)).to(torch.int64) * steps
+        it += steps
+        done, all_done, any_bad, any_absorb = _check_block(p, state, done, bad, tol, tau)
+        if any_bad:
+            state = _log_block(p, state, steps, bad)
+            n_iter = n_iter + bad.to(torch.int64) * steps
+            log_blocks_left, backoff = backoff, min(2 * backoff, 16)
+            if tol > 0:
+                done = done | (bad & (_kernel_marginal_error(p, state) <= tol))
+                all_done = bool(done.all())
+        elif scaled:
+            backoff = max(1, backoff // 2)
+            if any_absorb and not (all_done or it >= max_iter):
+                state = _absorb(p, *_fold(p, state))
+        if all_done or it >= max_iter:
+            return state, n_iter
+
+
+def _plan_boxes(p: _Problem, it: _Iterate) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The final log-scalings ``u, v`` and, per group, its box of the plan
+    ``diag(alpha) T diag(beta)``: exactly 0 on padding (scalings 0 there) and for empty
+    problems. Outside ``unroll`` mode the kernels are overwritten."""
+    u, v = _fold(p, it)
+    zero = torch.zeros((), dtype=p.a_w.dtype, device=p.a_w.device)
+    alpha3 = torch.where(p.a_valid & p.live.unsqueeze(-1), it.alpha3.squeeze(-2), zero)
+    alpha3 = alpha3.unsqueeze(-2)
+    beta3 = torch.where(p.b_valid, it.beta3.squeeze(-2), zero).unsqueeze(-2)
+    if p.track_grad:
+        ((T, _),) = it.kernels
+        return u, v, [T * alpha3.transpose(-1, -2) * beta3]
+    return u, v, [
+        T.mul_(alpha3[s:e, :, :nr].transpose(-1, -2)).mul_(beta3[s:e, :, :mc])
+        for (s, e, nr, mc), (T, _) in zip(p.groups, it.kernels)
+    ]
+
+
+def _finalise(p: _Problem, C: Tensor, u: Tensor, v: Tensor, boxes: list[Tensor],
+              n_iter: Tensor) -> SinkhornResult:
+    """Plan, value, reg_value and marginal error from the final log-scalings and plan boxes.
+
+    In envelope mode ``value`` is attached to ``C`` with gradient ``plan``
+    (:class:`_EnvelopeValue`), and ``reg_value`` gets the same gradient.
+    """
+    zero = torch.zeros((), dtype=p.a_w.dtype, device=p.a_w.device)
+    with torch.set_grad_enabled(p.track_grad):  # envelope: attached to the cost further down
+        value = torch.cat(
+            [torch.linalg.vecdot(P.flatten(-2), Cg.flatten(-2)) for P, Cg in zip(boxes, p.costs)]
+        )
+    if p.whole:
+        plan = boxes[0]
+        rows, cols = plan.sum(-1), plan.sum(-2)
+    else:  # CPU groups: the entries outside their boxes are padding
+        plan = torch.zeros(C.shape, dtype=p.a_w.dtype, device=p.a_w.device)
+        rows, cols = torch.zeros_like(p.a_w), torch.zeros_like(p.b_w)
+        for (s, e, nr, mc), P in zip(p.groups, boxes):
+            plan[s:e, :nr, :mc] = P
+            rows[s:e, :nr], cols[s:e, :mc] = P.sum(-1), P.sum(-2)
+    if not p.track_grad and C.requires_grad:
+        # Envelope: d value / d cost = plan, and the graph holds the plan only.
+        value = _EnvelopeValue.apply(C, plan, value)
+    with torch.no_grad():
+        err = (rows - p.a_w).abs().sum(-1) + (cols - p.b_w).abs().sum(-1)
+        err = torch.where(p.live, err, zero)
+    # reg_value = <T, C> + eps KL(T || a b^T) = sum_ij T_ij (f_i + g_j) - eps (sum T - 1) with
+    # the potentials f = eps (u - log a), g = eps (v - log b) (0 at padded positions).
+    eps = p.eps
+    with torch.set_grad_enabled(p.track_grad):
+        f = torch.where(p.a_valid, eps * (u - p.loga), zero)
+        g = torch.where(p.b_valid, eps * (v - p.logb), zero)
+        mass = rows.sum(-1) - p.live.to(rows.dtype)
+        reg_value = (rows * f).sum(-1) + (cols * g).sum(-1) - eps * mass
+    if not p.track_grad:  # envelope: d reg_value / d cost = plan as well
+        reg_value = reg_value.detach() + (value - value.detach())
+    n_iter = torch.where(p.live, n_iter, torch.zeros_like(n_iter))
+    return SinkhornResult(plan, value, reg_value, n_iter, err)
+
+
 def sinkhorn(
     cost: Tensor,
     a: Tensor | None = None,
@@ -465,203 +758,17 @@ def sinkhorn(
     _check_sinkhorn_args(cost, eps, max_iter, tol, grad, check_every)
     batched = cost.dim() == 3
     C = cost if batched else cost.unsqueeze(0)
-    B, n, m = C.shape
-    wd = _work_dtype(C.dtype)
-    dev = C.device
-    ref = torch.empty((), dtype=wd, device=dev)
-    a_w = _prepare_weights(a, B, n, "a", ref, batched)
-    b_w = _prepare_weights(b, B, m, "b", ref, batched)
-    eps = float(eps)
-    scale = -1.0 / eps
     track_grad = grad == "unroll" and torch.is_grad_enabled()
-    finfo = torch.finfo(wd)
-    zero = torch.zeros((), dtype=wd, device=dev)
-
-    # Normalise; a problem with an empty side is solved as a uniform dummy and zeroed at the end.
-    empty = (a_w.sum(-1, keepdim=True) <= 0) | (b_w.sum(-1, keepdim=True) <= 0)  # [B, 1]
-    a_w = torch.where(empty, torch.ones_like(a_w), a_w)
-    b_w = torch.where(empty, torch.ones_like(b_w), b_w)
-    a_w = a_w / a_w.sum(-1, keepdim=True)
-    b_w = b_w / b_w.sum(-1, keepdim=True)
-    a_valid, b_valid = a_w > 0, b_w > 0
-    loga = torch.where(a_valid, a_w.clamp_min(finfo.tiny).log(), torch.full_like(a_w, _NEG))
-    logb = torch.where(b_valid, b_w.clamp_min(finfo.tiny).log(), torch.full_like(b_w, _NEG))
-    live = ~empty.squeeze(-1)  # [B]
-    a3, b3 = a_w.unsqueeze(-2), b_w.unsqueeze(-2)  # [B, 1, n], [B, 1, m]
-    done = empty.squeeze(-1).clone()  # empty problems are not iterated
-    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-
-    # Groups of problems (one, the whole batch, except for large batches on CPU), each with its
-    # cost box in the working dtype, 0 at padded entries (where the cost may even be NaN).
-    if dev.type == "cpu" and not track_grad:
-        groups = _groups(a_valid, b_valid, done, finfo.bits // 8)
-    else:
-        groups = [(0, B, n, m)]
-    padded = a is not None or b is not None  # (and so possibly empty problems: cost 0 there)
-    costs = []
-    for s, e, nr, mc in groups:
-        Cg = C[s:e, :nr, :mc].to(wd)
-        if padded:
-            valid = a_valid[s:e, :nr].unsqueeze(-1) & b_valid[s:e, :mc].unsqueeze(-2)
-            Cg = torch.where(valid & live[s:e, None, None], Cg, zero)
-        costs.append(Cg)
-
-    def box(x, s, e, k):  # a [B, len] vector's slice for a group
-        return x[s:e, :k]
-
-    def fold(u, v, alpha3, beta3):  # move the scalings into the log-scalings
-        return u + _safe_log(alpha3.squeeze(-2), a_valid), v + _safe_log(beta3.squeeze(-2), b_valid)
-
-    def reset(u, v):
-        # Kernel exp(K + u + v) of each group (and its transpose), unit scalings, and
-        # rows3 = T @ beta3 (the invariant of the scaling iterations).
-        kernels, rows3 = [], torch.zeros_like(a3)
-        for (s, e, nr, mc), Cg in zip(groups, costs):
-            T = _plan(Cg, scale, box(u, s, e, nr), box(v, s, e, mc), track_grad)
-            single = e - s == 1 and dev.type == "cpu"
-            kernels.append((T, None if single else T.transpose(-1, -2).contiguous()))
-            if track_grad:
-                rows3 = T.sum(-1).unsqueeze(-2)  # a single group
-            else:
-                rows3[s:e, :, :nr] = T.sum(-1).unsqueeze(-2)
-        return kernels, torch.ones_like(a3), torch.ones_like(b3), rows3
-
-    def log_iterations(u, v, steps):
-        if len(groups) == 1 and groups[0] == (0, B, n, m):
-            return _log_iterations(costs[0], scale, loga, logb, u, v, steps, track_grad)
-        u, v = u.clone(), v.clone()
-        for (s, e, nr, mc), Cg in zip(groups, costs):
-            u[s:e, :nr], v[s:e, :mc] = _log_iterations(
-                Cg, scale, box(loga, s, e, nr), box(logb, s, e, mc),
-                box(u, s, e, nr), box(v, s, e, mc), steps, track_grad,
-            )
-        return u, v
-
-    # Scalings stay within exp(+-tau): with the kernel floor (see _exp_floor) all products are
-    # normal numbers; they are absorbed into u, v beyond exp(+-tau/2).
-    tau = _tau(wd)  # 21.8 in float32, 177 in float64
-    # Unrolled gradients go through log-domain iterations only: their backward is a softmax,
-    # well defined everywhere, where the scaling iterations' divisions could give 0 * inf.
-    log_blocks_left, backoff, it = (max_iter if track_grad else 0), 1, 0
+    p = _setup_problem(C, a, b, float(eps), track_grad, batched)
     with torch.set_grad_enabled(track_grad):
-        u, v = loga, logb  # f = g = 0
-        kernels, alpha3, beta3, rows3 = reset(u, v)
-        while True:
-            steps = min(check_every, max_iter - it)
-            scaled = log_blocks_left == 0
-            if not scaled:  # log-domain block (after a scaling block failed)
-                log_blocks_left -= 1
-                u, v = fold(u, v, alpha3, beta3)
-                u_new, v_new = log_iterations(u, v, steps)
-                u = torch.where(done.view(B, 1), u, u_new)
-                v = torch.where(done.view(B, 1), v, v_new)
-                kernels, alpha3, beta3, rows3 = reset(u, v)
-                bad = torch.zeros_like(done)
-            else:
-                alpha_new, beta_new, rows_new = _scaling_iterations(
-                    groups, kernels, a3, b3, beta3, rows3, steps
-                )
-                with torch.no_grad():
-                    la = _safe_log(alpha_new.squeeze(-2), a_valid)
-                    lb = _safe_log(beta_new.squeeze(-2), b_valid)
-                    bad = ~done & ~(
-                        (torch.isfinite(la) & (la.abs() <= tau)).all(-1)
-                        & (torch.isfinite(lb) & (lb.abs() <= tau)).all(-1)
-                        & torch.isfinite(rows_new.squeeze(-2)).all(-1)
-                    )
-                # Frozen (converged) and failed problems keep their block-start state.
-                keep = (done | bad).view(B, 1, 1)
-                alpha3 = torch.where(keep, alpha3, alpha_new)
-                beta3 = torch.where(keep, beta3, beta_new)
-                rows3 = torch.where(keep, rows3, rows_new)
-            n_iter = n_iter + (~(done | bad)).to(torch.int64) * steps
-            it += steps
-            with torch.no_grad():
-                # Columns are exact after a beta update: the error is on the rows.
-                err = (alpha3 * rows3 - a3).abs().sum((-2, -1))
-                if tol > 0:  # tol = 0: no early stop, exactly max_iter iterations
-                    done = done | ((err <= tol) & ~bad)
-                la = _safe_log(alpha3.squeeze(-2), a_valid).abs().amax(-1)
-                lb = _safe_log(beta3.squeeze(-2), b_valid).abs().amax(-1)
-                needs_absorb = (la > tau / 2) | (lb > tau / 2)
-                all_done, any_bad, any_absorb = torch.stack(
-                    [done.all(), bad.any(), needs_absorb.any()]
-                ).tolist()  # the one host sync per block
-            if any_bad:
-                # Some scalings left exp(+-tau) (eps small against the cost, far from the
-                # solution): those problems kept their state; redo their block with log-sum-exp
-                # updates, and stay in the log domain for the next blocks (doubling back-off).
-                u, v = fold(u, v, alpha3, beta3)
-                u_new, v_new = log_iterations(u, v, steps)
-                redo = bad.view(B, 1)
-                u, v = torch.where(redo, u_new, u), torch.where(redo, v_new, v)
-                n_iter = n_iter + bad.to(torch.int64) * steps
-                kernels, alpha3, beta3, rows3 = reset(u, v)
-                log_blocks_left, backoff = backoff, min(2 * backoff, 16)
-                if tol > 0:
-                    with torch.no_grad():
-                        cols = torch.zeros_like(b_w)
-                        for (s, e, nr, mc), (T, _) in zip(groups, kernels):
-                            cols[s:e, :mc] = T.sum(-2)
-                        err_redo = (rows3.squeeze(-2) - a_w).abs().sum(-1)
-                        err_redo += (cols - b_w).abs().sum(-1)
-                        done = done | (bad & (err_redo <= tol))
-                    all_done = bool(done.all())
-            elif scaled:
-                backoff = max(1, backoff // 2)
-                if any_absorb and not (all_done or it >= max_iter):
-                    u, v = fold(u, v, alpha3, beta3)
-                    kernels, alpha3, beta3, rows3 = reset(u, v)
-            if all_done or it >= max_iter:
-                break
-
-        # The returned plan diag(alpha) T diag(beta), exactly 0 on padding (scalings 0 there)
-        # and for empty problems.
-        u, v = fold(u, v, alpha3, beta3)
-        alpha3 = torch.where(a_valid & live.unsqueeze(-1), alpha3.squeeze(-2), zero).unsqueeze(-2)
-        beta3 = torch.where(b_valid, beta3.squeeze(-2), zero).unsqueeze(-2)
-        if track_grad:
-            ((T, _),) = kernels
-            boxes = [T * alpha3.transpose(-1, -2) * beta3]
-        else:
-            boxes = [
-                T.mul_(alpha3[s:e, :, :nr].transpose(-1, -2)).mul_(beta3[s:e, :, :mc])
-                for (s, e, nr, mc), (T, _) in zip(groups, kernels)
-            ]
-        del kernels
-
-    with torch.set_grad_enabled(track_grad):  # envelope: attached to the cost further down
-        value = torch.cat(
-            [torch.linalg.vecdot(P.flatten(-2), Cg.flatten(-2)) for P, Cg in zip(boxes, costs)]
-        )
-    if groups == [(0, B, n, m)]:
-        plan = boxes[0]
-        rows, cols = plan.sum(-1), plan.sum(-2)
-    else:  # CPU groups: the entries outside their boxes are padding
-        plan = torch.zeros((B, n, m), dtype=wd, device=dev)
-        rows, cols = torch.zeros_like(a_w), torch.zeros_like(b_w)
-        for (s, e, nr, mc), P in zip(groups, boxes):
-            plan[s:e, :nr, :mc] = P
-            rows[s:e, :nr], cols[s:e, :mc] = P.sum(-1), P.sum(-2)
-    if not track_grad and C.requires_grad:
-        # Envelope: d value / d cost = plan, and the graph holds the plan only.
-        value = _EnvelopeValue.apply(C, plan, value)
-    with torch.no_grad():
-        err = (rows - a_w).abs().sum(-1) + (cols - b_w).abs().sum(-1)
-        err = torch.where(live, err, zero)
-    # reg_value = <T, C> + eps KL(T || a b^T) = sum_ij T_ij (f_i + g_j) - eps (sum T - 1) with
-    # the potentials f = eps (u - log a), g = eps (v - log b) (0 at padded positions).
-    with torch.set_grad_enabled(track_grad):
-        f = torch.where(a_valid, eps * (u - loga), zero)
-        g = torch.where(b_valid, eps * (v - logb), zero)
-        reg_value = (rows * f).sum(-1) + (cols * g).sum(-1) - eps * (rows.sum(-1) - live.to(wd))
-    if not track_grad:  # envelope: d reg_value / d cost = plan as well
-        reg_value = reg_value.detach() + (value - value.detach())
-    n_iter = torch.where(live, n_iter, torch.zeros_like(n_iter))
-
+        final, n_iter = _iterate(p, max_iter, tol, check_every)
+        u, v, boxes = _plan_boxes(p, final)
+        del final  # the kernels' transposed copies
+    res = _finalise(p, C, u, v, boxes, n_iter)
     if not batched:
-        return SinkhornResult(plan[0], value[0], reg_value[0], n_iter[0], err[0])
-    return SinkhornResult(plan, value, reg_value, n_iter, err)
+        return SinkhornResult(res.plan[0], res.value[0], res.reg_value[0], res.n_iter[0],
+                              res.marginal_error[0])
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -880,7 +987,7 @@ def ot_alignment_loss(
         ``"cosine"`` (default), ``"sq_euclidean"`` or ``"attention"``.
     eps : float
         Entropic regularisation in cost units; the default :data:`DEFAULT_EPS` is chosen so that
-        the loss separates aligned from unrelated sequences (:func:`discrimination_check`).
+        the loss separates aligned from unrelated sequences (``benchmarks/ot_discrimination.py``).
     max_iter, tol, grad
         Passed to :func:`sinkhorn`. With ``grad="envelope"`` the gradient with respect to the
         states is :math:`\sum_{ij} T^\star_{ij} \partial C_{ij}`, i.e. the exact gradient of
@@ -919,130 +1026,3 @@ def ot_alignment_loss(
         return values.sum()
     nonempty = ((a.sum(-1) > 0) & (b.sum(-1) > 0)).sum()
     return values.sum() / nonempty.clamp_min(1).to(values.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Does the loss separate aligned from unrelated sequences?
-# --------------------------------------------------------------------------------------------
-
-
-def _synthetic_pairs(
-    n_seqs: int, *, d_student: int, d_teacher: int, lengths: tuple[int, int], noise: float,
-    anisotropy: float, vocab: int, generator: torch.Generator,
-):
-    """Student/teacher state sequences that encode the same token sequences.
-
-    Tokens are drawn from a shared vocabulary with a Zipf-like frequency (unrelated sequences
-    share their frequent tokens, as real text does). A student state is the token's embedding
-    plus context noise plus a direction common to all states (``anisotropy``: real hidden states
-    have a large shared component, which makes unrelated tokens look alike under the cosine).
-    The teacher sees the same text through another tokenizer: each student token becomes 1-3
-    teacher tokens, or two consecutive ones merge into one; its states are a fixed random linear
-    map of the student-side content plus noise, in another width. Also returns, per teacher
-    token, the student-side state it encodes (to fit a projection on training sequences).
-    """
-    g = generator
-    emb = torch.randn(vocab, d_student, generator=g)
-    common = torch.randn(d_student, generator=g)
-    common = common / common.norm() * math.sqrt(d_student)
-    A = torch.randn(d_student, d_teacher, generator=g) / math.sqrt(d_student)
-    t_common = torch.randn(d_teacher, generator=g)
-    t_common = t_common / t_common.norm() * math.sqrt(d_teacher)
-    freq = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float32)
-    students, teachers, targets = [], [], []
-    for _ in range(n_seqs):
-        L = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
-        ids = torch.multinomial(freq, L, replacement=True, generator=g)
-        content = emb[ids] + 0.5 * torch.randn(L, d_student, generator=g)
-        students.append(content + anisotropy * common)
-        pieces, i = [], 0
-        while i < L:
-            r = float(torch.rand((), generator=g))
-            if r < 0.15 and i + 1 < L:  # two student tokens merge into one teacher token
-                pieces.append(content[i : i + 2].mean(0, keepdim=True))
-                i += 2
-                continue
-            k = 1 if r < 0.7 else (2 if r < 0.9 else 3)  # or split into k teacher tokens
-            pieces.append(content[i : i + 1].expand(k, -1))
-            i += 1
-        src = torch.cat(pieces)
-        teachers.append(
-            src @ A + noise * torch.randn(len(src), d_teacher, generator=g) + anisotropy * t_common
-        )
-        targets.append(src + anisotropy * common)  # the student-side state each piece encodes
-    return students, teachers, targets
-
-
-def _pad(seqs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    L = max(len(s) for s in seqs)
-    out = torch.zeros(len(seqs), L, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), L)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return out, mask
-
-
-def discrimination_check(
-    *,
-    cost: str = DEFAULT_COST,
-    eps: float = DEFAULT_EPS,
-    n_pairs: int = 32,
-    d_student: int = 64,
-    d_teacher: int = 96,
-    lengths: tuple[int, int] = (8, 48),
-    noise: float = 0.5,
-    anisotropy: float = 1.0,
-    vocab: int = 200,
-    seed: int | None = None,
-    max_iter: int = DEFAULT_MAX_ITER,
-    tol: float = DEFAULT_TOL,
-) -> dict[str, float]:
-    """Measure how well :func:`ot_alignment_loss` separates aligned from unrelated sequences.
-
-    Synthetic student/teacher states of the same texts through different tokenizers (see
-    ``_synthetic_pairs``: tokens split into 1-3 pieces or merged, teacher = fixed random linear
-    map of the content + noise in another width, a shared anisotropic direction on both sides).
-    The teacher->student projection is fitted by ridge regression on the token pairs of
-    ``n_pairs`` separate training sequences (standing in for the method's learned projection
-    P), then on ``n_pairs`` held-out pairs:
-
-    - ``aligned``: mean loss between student ``k`` and its own projected teacher;
-    - ``unrelated``: mean loss between student ``k`` and the teacher of another text
-      (a cyclic shift of the batch). Shuffling the tokens of one side is *not* a negative: the
-      loss is invariant to token order by construction;
-    - ``ratio`` = aligned / unrelated (lower is better; 1 means no signal);
-    - ``margin`` = unrelated - aligned, in cost units;
-    - ``pair_accuracy``: fraction of students whose own teacher is closer than every other
-      teacher of the held-out set (a retrieval test; chance is ``1 / n_pairs``).
-
-    The released code's setting (``cost="attention", eps=10``) gives a ratio near 1.
-    """
-    g = torch.Generator().manual_seed(int(torch.seed() if seed is None else seed) % (2**63))
-    kw = dict(d_student=d_student, d_teacher=d_teacher, lengths=lengths, noise=noise,
-              anisotropy=anisotropy, vocab=vocab, generator=g)
-    # One generator for the whole world (vocabulary, maps), so train and test share it.
-    students, teachers, targets = _synthetic_pairs(2 * n_pairs, **kw)
-    # Fit P (teacher width -> student width, with a bias) by ridge regression on the training
-    # half's token pairs, standing in for the projection the method learns; evaluate held out.
-    tr_t = torch.cat([torch.cat([t, torch.ones(len(t), 1)], 1) for t in teachers[:n_pairs]])
-    tr_s = torch.cat(targets[:n_pairs])
-    P = torch.linalg.solve(tr_t.T @ tr_t + 1e-2 * torch.eye(d_teacher + 1), tr_t.T @ tr_s)
-    proj = [torch.cat([t, torch.ones(len(t), 1)], 1) @ P for t in teachers[n_pairs:]]
-    X, xm = _pad(students[n_pairs:])
-    Y, ym = _pad(proj)
-    loss = lambda Yk, ymk: ot_alignment_loss(  # noqa: E731
-        X, Yk, xm, ymk, cost=cost, eps=eps, max_iter=max_iter, tol=tol, reduction="none"
-    )
-    with torch.no_grad():
-        aligned = loss(Y, ym)
-        unrelated = loss(Y.roll(1, 0), ym.roll(1, 0))
-        # Retrieval: every student against every teacher.
-        M = torch.stack([loss(Y.roll(s, 0), ym.roll(s, 0)) for s in range(n_pairs)])  # [shift, k]
-        pair_acc = (M[0] < M[1:].amin(0)).float().mean() if n_pairs > 1 else torch.tensor(1.0)
-    al, un = float(aligned.mean()), float(unrelated.mean())
-    return {
-        "cost": cost, "eps": eps, "aligned": al, "unrelated": un,
-        "ratio": al / un if un > 0 else float("nan"), "margin": un - al,
-        "pair_accuracy": float(pair_acc),
-    }

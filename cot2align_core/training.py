@@ -1,38 +1,49 @@
 """One training loop for teacher SFT and student distillation, in plain sight.
 
+    setup: data order (:class:`~cot2align_core.sampling.EpochSampler`), AdamW, LR schedule;
+           continue from the checkpointer's newest checkpoint, if any
     for step in range(start, total_steps):
-        batch = collate(next batch of the epoch's shuffled order)
+        batch = collate(next batch of the epoch's order)
         loss, terms = loss_fn(model, batch)
         loss.backward(); clip grads; AdamW step; LR schedule step
         history.append({step, epoch, loss, *terms, lr, seconds})
-        every `checkpoint_every` steps: save everything needed to continue
+        every `eval_every` steps and at the last: eval_fn(model, step) -> metrics, merged into
+            that step's record; the best state by `select_metric` saved as "best"
+        every `checkpoint_every` steps and at the last step run: save everything to continue
 
 What a checkpoint holds: model and extra parameters (e.g. a projector), optimizer, scheduler,
-the RNG states of python, numpy and torch, the sampler position (epoch, batch within the
-epoch) and the history. It is written to a temporary file and renamed into place, so a kill
-at any moment leaves either the previous checkpoint or the new one, never half of one.
-`resume=True` continues from the newest one: on CPU a run killed (SIGKILL included) and
-resumed ends with exactly the same weights as an uninterrupted run.
+the sampler position (epoch, batch within the epoch), the history and the best metric so far,
+and (added by the checkpointer) the RNG states of python, numpy and torch. Checkpoints go
+through a :class:`Checkpointer` (the store's is ``storage.checkpoints.CheckpointDir``): atomic
+saves, the newest few kept, loading that never runs pickled code. ``resume=True`` continues
+from the newest one: on CPU a run killed (SIGKILL included) and resumed ends with exactly the
+same weights, history and best state as an uninterrupted run. The loop never deletes its
+checkpoints at the end: the final one stays until the caller has committed the result and
+calls :meth:`Checkpointer.remove_all`, so a kill in between loses no training.
 
 The data order depends only on (seed, epoch), not on global RNG state, so it is the same
-whether or not the run was interrupted.
+whether or not the run was interrupted; evaluation runs with the global RNG states forked and
+restored, so a run with evaluation hooks trains exactly the weights of a run without.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import random
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+from cot2align_core.sampling import EpochSampler
+
+SELECT_MODES = ("max", "min")
+# Keys of a history record that evaluation metrics may not overwrite.
+_RECORD_KEYS = ("step", "epoch", "loss", "lr", "seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,58 +87,6 @@ def sft_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data order
-
-
-class EpochShuffleSampler:
-    """Batches of indices: a new permutation each epoch, fixed by (seed, epoch).
-
-    The position (epoch, batch within the epoch) is the whole state, so a resumed run
-    continues with the very batch an uninterrupted one would have taken.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False
-    ):
-        if n <= 0 or batch_size <= 0:
-            raise ValueError(f"need a non-empty dataset and batch_size > 0 (n={n}, batch_size={batch_size})")
-        if drop_last and n < batch_size:
-            raise ValueError(f"drop_last with {n} examples < batch_size {batch_size} leaves no batch")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch, self.batch_in_epoch = 0, 0
-        self._order_epoch, self._order = None, None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            else:
-                self._order = np.arange(self.n)
-            self._order_epoch = epoch
-        return self._order
-
-    def next_batch(self) -> tuple[int, list[int]]:
-        """(epoch of the batch, its indices); advances the position."""
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        epoch, b = self.epoch, self.batch_in_epoch
-        indices = self.order(epoch)[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-        self.batch_in_epoch += 1
-        return epoch, indices
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-
-
-# ---------------------------------------------------------------------------------------------
 # Schedule
 
 
@@ -159,40 +118,163 @@ def lr_multiplier(
 # Checkpoints
 
 
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `checkpoint_dir`, oldest first."""
-    d = Path(checkpoint_dir)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
+class Checkpointer(Protocol):
+    """Where the training loop keeps its checkpoints (``storage.checkpoints.CheckpointDir``).
+
+    The states are dicts of tensors, numbers, strings, lists, tuples, dicts and None: an
+    implementation must store them so that loading them back runs no pickled code (e.g.
+    ``torch.load(weights_only=True)``) and refuse, with a clear error, a file that needs it.
+    """
+
+    def save(self, step: int, state: Mapping[str, Any]) -> str:
+        """Save ``state`` with the global RNG states (python, numpy, torch, CUDA) as
+        checkpoint ``step``, atomically (a crash leaves the previous checkpoint or this one);
+        drop old ones beyond the implementation's ``keep_last``. Returns where it went."""
+        ...
+
+    def restore(self) -> tuple[int, dict[str, Any]] | None:
+        """Load the newest checkpoint and put back the RNG states saved with it:
+        ``(step, state)``, or None when there is none."""
+        ...
+
+    def save_best(self, step: int, state: Mapping[str, Any]) -> str:
+        """Replace the best state by ``state`` (reached at ``step``), atomically. Not rotated."""
+        ...
+
+    def load_best(self) -> tuple[int, dict[str, Any]] | None:
+        """``(step, state)`` of the best state, or None when none was saved."""
+        ...
+
+    def remove_all(self) -> None:
+        """Delete every checkpoint and the best state."""
+        ...
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+def _checkpoint_state(run: _Run) -> dict[str, Any]:
+    """Everything the loop needs to continue after ``run.step`` (the RNG states are added by
+    the checkpointer)."""
+    r = run.result
+    return {
+        "step": run.step,
+        "signature": run.signature,
+        "model": run.model.state_dict(),
+        "extra_params": [p.detach().clone() for p in run.extra_params],
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "sampler": run.sampler.state_dict(),
+        "history": r.history,
+        "best": {"step": r.best_step, "metric": r.best_metric},
+    }
+
+
+def _load_checkpoint(run: _Run, step: int, state: Mapping[str, Any], where: Checkpointer) -> None:
+    """Put ``run`` where checkpoint ``step`` left it (the RNG states are already restored)."""
+    if state["signature"] != run.signature:
+        raise ValueError(
+            f"the newest checkpoint in {where!r} (step {step}) was written by a run with "
+            f"{state['signature']}, this run has {run.signature}: use another checkpoint "
+            "directory or the same settings")
+    _load_weights(run, state)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    run.result.history = list(state["history"])
+    run.result.best_step, run.result.best_metric = state["best"]["step"], state["best"]["metric"]
+    run.result.resumed_from = run.step = step
+
+
+def _load_weights(run: _Run, state: Mapping[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    with torch.no_grad():
+        for p, saved in zip(run.extra_params, state["extra_params"], strict=True):
+            p.copy_(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and best-state selection
+
+
+@contextmanager
+def forked_rng() -> Iterator[None]:
+    """Run a block without moving the global RNG streams (python, numpy, torch CPU and CUDA):
+    their states are put back on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         try:
-            os.fsync(fd)
+            yield
         finally:
-            os.close(fd)
-    except OSError:
-        pass
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _evaluate(model: torch.nn.Module, eval_fn: Callable, step: int,
+              record: Mapping[str, Any]) -> dict[str, float]:
+    """``eval_fn(model, step)`` in eval mode, without gradients, with the RNG forked; its
+    metrics checked to be numbers under names that are not already in the step's record."""
+    model.eval()
+    try:
+        with torch.no_grad(), forked_rng():
+            metrics = eval_fn(model, step)
+    finally:
+        model.train()
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"eval_fn must return a dict of metric name -> number, got "
+                        f"{type(metrics).__name__} at step {step}")
+    out = {}
+    for key, value in metrics.items():
+        if key in _RECORD_KEYS or key in record:
+            raise ValueError(f"eval_fn returned the metric {key!r}, which the training record "
+                             f"already has: rename it (e.g. 'dev/{key}')")
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"eval_fn returned {key!r} = {value!r} at step {step}: metrics "
+                            "must be numbers") from None
+    return out
 
 
-def _set_rng_state(state: Mapping) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _update_best(run: _Run, metrics: Mapping[str, float], metric: str, mode: str,
+                 checkpointer: Checkpointer) -> None:
+    """Save the model (and extra parameters) as the best state when ``metric`` improves
+    strictly (a tie keeps the earlier step; NaN never improves)."""
+    if metric not in metrics:
+        raise ValueError(f"select_metric {metric!r} is not among the metrics eval_fn returned "
+                       f"({sorted(metrics)}) at step {run.step}")
+    value, best = metrics[metric], run.result.best_metric
+    if math.isnan(value):
+        return
+    if best is not None and not (value > best if mode == "max" else value < best):
+        return
+    checkpointer.save_best(run.step, {
+        "model": run.model.state_dict(),
+        "extra_params": [p.detach().clone() for p in run.extra_params],
+        "metric": value,
+    })
+    run.result.best_step, run.result.best_metric = run.step, value
+
+
+def _adopt_saved_best(run: _Run, checkpointer: Checkpointer) -> None:
+    """After a resume: a best state saved after the checkpoint (the run was killed between an
+    improvement and its next checkpoint) is the best so far. With a deterministic eval_fn the
+    replayed steps reach it again; with a non-deterministic one (sampled generation) this keeps
+    the best state on disk and the one the loop tracks the same."""
+    found = checkpointer.load_best()
+    if found is not None and found[0] != run.result.best_step:
+        run.result.best_step, run.result.best_metric = found[0], float(found[1]["metric"])
+
+
+def _restore_best(run: _Run, checkpointer: Checkpointer) -> None:
+    """Load the best state back into the model and extra parameters (no-op without one)."""
+    if run.result.best_step is None:
+        return
+    found = checkpointer.load_best()
+    if found is None or found[0] != run.result.best_step:
+        raise RuntimeError(
+            f"the best state of step {run.result.best_step} is not in {checkpointer!r} "
+            f"(found: {None if found is None else f'step {found[0]}'}); it was removed or "
+            "replaced while the run was stopped: remove the checkpoints and train again")
+    _load_weights(run, found[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +284,15 @@ def _set_rng_state(state: Mapping) -> None:
 @dataclass
 class TrainResult:
     """history: one dict per optimizer step: step (1-based), epoch, loss, each loss term,
-    lr (of the first parameter group), seconds (wall time of the step)."""
+    lr (of the first parameter group), seconds (wall time of the step), and at the evaluated
+    steps each metric eval_fn returned. best_step / best_metric: where select_metric was best
+    (None without selection, or when no evaluation gave a number)."""
 
     history: list[dict] = field(default_factory=list)
     total_steps: int = 0
     resumed_from: int | None = None
-    last_checkpoint: Path | None = None
+    best_step: int | None = None
+    best_metric: float | None = None
 
     @property
     def steps_done(self) -> int:
@@ -218,29 +303,36 @@ class TrainResult:
         return self.history[-1]["loss"] if self.history else None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+@dataclass
+class _Run:
+    """What a training run holds between steps (and what a checkpoint saves)."""
+
+    model: torch.nn.Module
+    extra_params: list[torch.nn.Parameter]
+    all_params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: EpochSampler
+    signature: dict[str, Any]
+    result: TrainResult
+    step: int = 0
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it moved to ``device``: tensors, mappings (as dicts),
+    lists and tuples (same type), dataclass instances (a copy with each field moved); anything
+    else is returned as is."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def move_to_device(batch, device):  # TEMP until the core-refactor branch lands
-    import dataclasses
-
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device)
-                                             for f in dataclasses.fields(batch)
-                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
     if isinstance(batch, Mapping):
         return {k: move_to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{
+            f.name: move_to_device(getattr(batch, f.name), device)
+            for f in dataclasses.fields(batch) if f.init
+        })
     return batch
 
 
@@ -279,6 +371,81 @@ def _param_groups(
     return [g for g in groups if g["params"]], extra_params
 
 
+def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping], *,
+           batch_size: int, lr: float, steps: int | None, epochs: float | None,
+           weight_decay: float, betas: tuple[float, float], schedule: str,
+           warmup_steps: int | None, warmup_ratio: float, min_lr_ratio: float, seed: int,
+           shuffle: bool, drop_last: bool, block_size: int | None, also_match: Mapping) -> _Run:
+    """Data order, AdamW over the model and the extra groups, the LR schedule."""
+    sampler = EpochSampler(n, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                           block_size=block_size)
+    total_steps = steps if steps is not None else max(1, math.ceil(epochs * sampler.batches_per_epoch))
+    if warmup_steps is None:
+        warmup_steps = int(warmup_ratio * total_steps)
+    groups, extra_params = _param_groups(model, extra_param_groups, lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, total_steps, warmup_steps=warmup_steps, schedule=schedule, min_lr_ratio=min_lr_ratio
+        ),
+    )
+    # What must match for a checkpoint to be continued by this call.
+    signature = {"total_steps": total_steps, "batch_size": batch_size, "n": n, "seed": seed,
+                 "shuffle": shuffle, "drop_last": drop_last, "block_size": block_size,
+                 **also_match}
+    return _Run(model=model, extra_params=extra_params,
+                all_params=[p for g in groups for p in g["params"]], optimizer=optimizer,
+                scheduler=scheduler, sampler=sampler, signature=signature,
+                result=TrainResult(total_steps=total_steps))
+
+
+def _train_step(run: _Run, loss_fn: Callable, dataset: Sequence, collate_fn: Callable,
+                grad_clip: float | None, device: torch.device) -> dict[str, Any]:
+    """One optimizer step on the sampler's next batch; returns the step's history record."""
+    t0 = time.perf_counter()
+    epoch, indices = run.sampler.next_batch()
+    batch = move_to_device(collate_fn([dataset[i] for i in indices]), device)
+    loss, terms = _split_loss(loss_fn(run.model, batch))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {run.step + 1}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.all_params, grad_clip)
+    current_lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return {
+        "step": run.step,
+        "epoch": epoch,
+        "loss": float(loss.detach()),
+        **terms,
+        "lr": current_lr,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _check_train_args(steps, epochs, checkpointer, checkpoint_every, resume, eval_every,
+                      eval_fn, select_metric, select_mode, restore_best) -> None:
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if checkpoint_every and checkpointer is None:
+        raise ValueError("checkpoint_every needs a checkpointer (storage.checkpoints.CheckpointDir)")
+    if resume and checkpointer is None:
+        raise ValueError("resume needs a checkpointer (storage.checkpoints.CheckpointDir)")
+    if eval_every < 0 or (eval_every and eval_fn is None):
+        raise ValueError(f"eval_every={eval_every} needs an eval_fn and must be >= 0")
+    if select_metric is not None and (eval_fn is None or checkpointer is None):
+        raise ValueError(f"select_metric={select_metric!r} needs an eval_fn that returns it and "
+                         "a checkpointer to keep the best state")
+    if select_mode not in SELECT_MODES:
+        raise ValueError(f"select_mode must be one of {SELECT_MODES}, got {select_mode!r}")
+    if restore_best and select_metric is None:
+        raise ValueError("restore_best needs a select_metric to choose the best state by")
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], Any],
@@ -301,10 +468,15 @@ def train(
     seed: int = 0,
     shuffle: bool = True,
     drop_last: bool = False,
-    checkpoint_dir: str | os.PathLike | None = None,
+    shuffle_block_size: int | None = None,
+    checkpointer: Checkpointer | None = None,
     checkpoint_every: int = 0,
-    keep_last: int = 2,
     resume: bool = False,
+    eval_every: int = 0,
+    eval_fn: Callable[[torch.nn.Module, int], Mapping[str, float]] | None = None,
+    select_metric: str | None = None,
+    select_mode: str = "max",
+    restore_best: bool = False,
     on_log: Callable[[dict], None] | None = None,
     log_every: int = 1,
 ) -> TrainResult:
@@ -313,123 +485,74 @@ def train(
     Length: `steps` optimizer steps, or `epochs` passes over the data (may be fractional);
     the schedule spans that length. `max_steps` stops earlier without changing the schedule
     (a run cut short on purpose, e.g. in tests; resume continues it).
-    loss_fn returns the loss tensor, or (loss, {"term": value, ...}) to log each term.
+    loss_fn returns the loss tensor, or (loss, {"term": value, ...}) to log each term. The
+    batch is moved to the model's device (:func:`move_to_device`).
     extra_param_groups: AdamW groups beside the model's, each {"params": [...]} or
     {"module": nn.Module}, with optional "lr" and "weight_decay" (e.g. a projector with lr
     1e-3); their parameters are checkpointed with the model.
     Schedule: linear warmup over warmup_steps (default: warmup_ratio of the steps), then
     "cosine" decay to min_lr_ratio x lr, or "constant". Weight decay applies to weight
     matrices only (not to biases and norms). grad_clip: max global grad norm (None: off).
-    Checkpoints: every `checkpoint_every` steps and at the last step run, into checkpoint_dir as
-    step_XXXXXXX.pt, keeping the newest `keep_last`. resume: continue from the newest one
-    (a fresh start when there is none). on_log(record) is called every `log_every` steps.
+    Data order: :class:`~cot2align_core.sampling.EpochSampler` (seed, shuffle, drop_last;
+    shuffle_block_size: shuffle blocks of that many consecutive items, for datasets read
+    from disk in chunks).
+    Checkpoints (through `checkpointer`): every `checkpoint_every` steps and at the last step
+    run. resume: continue from the newest one; a run that starts from step 0 (resume=False,
+    or no checkpoint) first clears the checkpointer (stale best states included). The final
+    checkpoint is kept: removing the checkpoints is the caller's job, after its result is
+    safe (Checkpointer.remove_all).
+    Evaluation: every `eval_every` steps and at the last step of the schedule (eval_every=0:
+    at the last step only), `eval_fn(model, step)` runs under torch.no_grad, with the model in
+    eval mode and the global RNG states forked (evaluation never changes the training
+    trajectory); its {name: number} metrics are merged into that step's history record.
+    select_metric / select_mode ("max" or "min"): when that metric improves strictly, the
+    model and extra parameters are saved as the best state (Checkpointer.save_best; a tie
+    keeps the earlier step; NaN never improves); restore_best: load it back at the end.
+    on_log(record) is called every `log_every` steps and at the last step run.
     The model is in train mode while training and in eval mode on return.
     """
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps and epochs")
-    if checkpoint_every and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs a checkpoint_dir")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume needs a checkpoint_dir")
+    _check_train_args(steps, epochs, checkpointer, checkpoint_every, resume, eval_every,
+                      eval_fn, select_metric, select_mode, restore_best)
     collate_fn = collate_fn or (lambda rows: rows)
-    sampler = EpochShuffleSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
-    total_steps = steps if steps is not None else max(1, math.ceil(epochs * sampler.batches_per_epoch))
-    if warmup_steps is None:
-        warmup_steps = int(warmup_ratio * total_steps)
+    run = _setup(model, len(dataset), extra_param_groups, batch_size=batch_size, lr=lr,
+                 steps=steps, epochs=epochs, weight_decay=weight_decay, betas=betas,
+                 schedule=schedule, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+                 min_lr_ratio=min_lr_ratio, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                 block_size=shuffle_block_size,
+                 also_match={"eval_every": eval_every if eval_fn else 0,
+                            "select_metric": select_metric, "select_mode": select_mode})
+    total_steps = run.result.total_steps
     stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
-
-    groups, extra_params = _param_groups(model, extra_param_groups, lr, weight_decay)
-    all_params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, betas=betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(
-            step, total_steps, warmup_steps=warmup_steps, schedule=schedule, min_lr_ratio=min_lr_ratio
-        ),
-    )
-    # What must match for a checkpoint to be continued by this call.
-    signature = {"total_steps": total_steps, "batch_size": batch_size, "n": len(dataset), "seed": seed}
-
-    result = TrainResult(total_steps=total_steps)
-    step = 0
-    if resume:  # temporary files of a save that was killed half-way
-        for tmp in Path(checkpoint_dir).glob(".step_*.pt.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    if resume and (found := list_checkpoints(checkpoint_dir)):
-        ckpt_step, path = found[-1]
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["signature"] != signature:
-            raise ValueError(
-                f"checkpoint {path} was written by a run with {state['signature']}, this run has "
-                f"{signature}: use another checkpoint_dir or the same settings"
-            )
-        model.load_state_dict(state["model"])
-        with torch.no_grad():
-            for p, saved in zip(extra_params, state["extra_params"], strict=True):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
-        result.history = list(state["history"])
-        result.resumed_from = step = ckpt_step
-        result.last_checkpoint = path
+    found = checkpointer.restore() if resume else None
+    if found is not None:
+        _load_checkpoint(run, *found, checkpointer)
+        if select_metric is not None:
+            _adopt_saved_best(run, checkpointer)
     else:
+        if checkpointer is not None:
+            checkpointer.remove_all()
         torch.manual_seed(seed)  # dropout and anything else random in loss_fn
         random.seed(seed)
         np.random.seed(seed)
 
-    def save_checkpoint() -> None:
-        path = Path(checkpoint_dir) / f"step_{step:07d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(
-            {
-                "step": step,
-                "signature": signature,
-                "model": model.state_dict(),
-                "extra_params": [p.detach().clone() for p in extra_params],
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": _rng_state(),
-                "history": result.history,
-            },
-            path,
-        )
-        result.last_checkpoint = path
-        for _, old in list_checkpoints(checkpoint_dir)[: -max(keep_last, 1)]:
-            old.unlink(missing_ok=True)
-
     device = next(model.parameters()).device
     model.train()
-    while step < stop_at:
-        t0 = time.perf_counter()
-        epoch, indices = sampler.next_batch()
-        batch = _to_device(collate_fn([dataset[i] for i in indices]), device)
-        loss, terms = _split_loss(loss_fn(model, batch))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(all_params, grad_clip)
-        current_lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "loss": float(loss.detach()),
-            **terms,
-            "lr": current_lr,
-            "seconds": time.perf_counter() - t0,
-        }
-        result.history.append(record)
-        if on_log is not None and (step % log_every == 0 or step == stop_at):
+    while run.step < stop_at:
+        record = _train_step(run, loss_fn, dataset, collate_fn, grad_clip, device)
+        if eval_fn is not None and ((eval_every and run.step % eval_every == 0)
+                                    or run.step == total_steps):
+            metrics = _evaluate(model, eval_fn, run.step, record)
+            record.update(metrics)
+            if select_metric is not None:
+                _update_best(run, metrics, select_metric, select_mode, checkpointer)
+        run.result.history.append(record)
+        if on_log is not None and (run.step % log_every == 0 or run.step == stop_at):
             on_log(record)
-        due = (checkpoint_every and step % checkpoint_every == 0) or step == stop_at
-        if checkpoint_dir is not None and due:
-            save_checkpoint()
+        if checkpointer is not None and (
+            (checkpoint_every and run.step % checkpoint_every == 0) or run.step == stop_at
+        ):
+            checkpointer.save(run.step, _checkpoint_state(run))
+    if restore_best:
+        _restore_best(run, checkpointer)
     model.eval()
-    return result
+    return run.result

@@ -14,17 +14,19 @@ buffer: clone before writing into it), ``teacher_layers`` (tuple), ``teacher_inp
 ``teacher_positions``, ``teacher_target_ids`` (int32), ``teacher_topk_ids`` /
 ``teacher_topk_logits`` (or None).
 
-:class:`EpochSampler` gives the batches of each epoch: shuffled, deterministic for
-``(seed, epoch)``, resumable from a step index, optionally split across ranks.
+Items follow the order in which ids first appear in ``student``. The order in which they are
+visited is the training loop's: it shuffles per epoch, deterministically, optionally in
+blocks of consecutive items (``shuffle_block_size``) so that a batch of a cache larger than
+memory reads few row groups.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from storage.errors import StoreError
 from storage.schemas import FORMS, ListColumn
@@ -141,76 +143,3 @@ class DistillDataset(Dataset):
                 fields.update(teacher_fields(self.teacher.get(id_, form)))
             item[form] = fields
         return item
-
-
-class EpochSampler(Sampler[list[int]]):
-    """Batches of dataset indices, shuffled per epoch; use as ``DataLoader(batch_sampler=)``.
-
-    The order of epoch ``e`` is a permutation drawn from ``numpy.random.Generator(PCG64([seed,
-    e]))``: the same for the same (seed, epoch, numpy version), different between epochs.
-    ``set_epoch(e, start_step=s)`` resumes mid-epoch: iteration starts at this rank's batch
-    ``s``. With ``world_size > 1`` rank r gets global batches r, r + world_size, ... and every
-    rank the same number of steps (the tail that does not divide evenly is dropped).
-
-    ``block_size``: shuffle blocks of that many consecutive items (and items within each
-    block) instead of all items, so that a batch reads few teacher-cache row groups.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, *, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, block_size: int | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1 or num_items < 0 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler arguments: num_items={num_items}, "
-                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        self.num_items, self.batch_size = num_items, batch_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.block_size = block_size
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_step = 0, 0
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The item order of one epoch."""
-        if not self.shuffle:
-            return np.arange(self.num_items)
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        if not self.block_size or self.block_size <= 1:
-            return rng.permutation(self.num_items)
-        starts = np.arange(0, self.num_items, self.block_size)
-        order = []
-        for b in rng.permutation(len(starts)):
-            block = np.arange(starts[b], min(starts[b] + self.block_size, self.num_items))
-            order.append(rng.permutation(block))
-        return np.concatenate(order) if order else np.arange(0)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of one epoch, from step 0."""
-        order = self.epoch_order(epoch)
-        cut = range(0, len(order), self.batch_size)
-        all_batches = [order[i:i + self.batch_size].tolist() for i in cut]
-        if self.drop_last and all_batches and len(all_batches[-1]) < self.batch_size:
-            all_batches.pop()
-        per_rank = len(all_batches) // self.world_size if self.world_size > 1 else len(all_batches)
-        return all_batches[self.rank::self.world_size][:per_rank]
-
-    def steps_per_epoch(self) -> int:
-        n = self.num_items // self.batch_size
-        if not self.drop_last and self.num_items % self.batch_size:
-            n += 1
-        return n // self.world_size
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = int(epoch), int(start_step)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"sampler state has seed {state['seed']}, this sampler {self.seed}")
-        self.set_epoch(state["epoch"], state.get("start_step", 0))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)[self.start_step:]
-
-    def __len__(self) -> int:
-        return max(0, self.steps_per_epoch() - self.start_step)

@@ -21,8 +21,8 @@ buffer reaches ``row_group_bytes``. The default, 16 MiB, is measured
 64 MiB groups, while a random read of one row, which must decode its whole row group, costs
 4x less (random reads with a cache a quarter of the data: ~12-18 MiB/s with 64 MiB groups,
 ~400-560 MiB/s with 16 MiB groups). The reader keeps recent row groups (``cache_bytes``);
-for caches much larger than memory, shuffle in blocks of a row group's rows
-(:class:`storage.distill_dataset.EpochSampler` ``block_size``). The shard is a temporary
+for caches much larger than memory, shuffle in blocks of a row group's rows (the training
+loop's ``shuffle_block_size``). The shard is a temporary
 file until :meth:`TeacherCacheWriter.close`, then renamed whole.
 
 Reading (:class:`TeacherCacheReader`) streams row groups, or gives random access by

@@ -33,7 +33,6 @@ def distill_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[st
     def body(w) -> dict:
         from cot2align_core.batching import collate_distill
         from cot2align_core.tokenization import pad_token_id
-        from cot2align_core.training import move_to_device
         from storage.distill_dataset import DistillDataset
 
         t = student.training
@@ -50,8 +49,8 @@ def distill_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[st
                                         embed.shape[1]).to(device)
         pad = pad_token_id(tok)
 
-        def loss_fn(m, batch):
-            s, te = move_to_device(batch, device)
+        def loss_fn(m, batch):  # the training loop has moved the batch to the model's device
+            s, te = batch
             return objective(m, s, te, embed, head)
 
         extra = []

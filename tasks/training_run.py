@@ -3,7 +3,6 @@ checkpoints inside the artifact, and save what users load (shared by teacher_sft
 """
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -50,7 +49,7 @@ def train_kwargs(t: TrainingConfig, seed: int) -> dict:
     return dict(batch_size=t.batch_size, lr=t.lr, steps=t.steps, epochs=t.epochs,
                 weight_decay=t.weight_decay, grad_clip=t.grad_clip, schedule=t.schedule,
                 warmup_steps=t.warmup_steps, seed=seed, checkpoint_every=t.checkpoint_every,
-                keep_last=t.keep_last, resume=True)
+                resume=True)
 
 
 def log_every_n(label: str, n: int = 50):
@@ -77,9 +76,10 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
 
     import math
 
+    from storage.checkpoints import CheckpointDir
     from tasks.stage import Progress
 
-    ckpt = w.file_path("checkpoints")
+    checkpointer = CheckpointDir(w.file_path("checkpoints"), keep_last=t.keep_last)
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
     with Progress(total, f"{label}: training steps") as bar:
@@ -91,7 +91,7 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
             bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
 
         result = train(model, loss_fn, data, collate_fn=collate_fn,
-                       extra_param_groups=extra_param_groups, checkpoint_dir=ckpt,
+                       extra_param_groups=extra_param_groups, checkpointer=checkpointer,
                        on_log=on_log, **train_kwargs(t, seed))
     if lora:
         from cot2align_core.lora import merge_lora
@@ -102,5 +102,5 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     tokenizer.save_pretrained(out)
     w.add_file("model")
     w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
-    shutil.rmtree(ckpt, ignore_errors=True)
+    checkpointer.remove_all()
     return result

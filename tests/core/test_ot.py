@@ -14,6 +14,7 @@ import ot as pot
 import pytest
 import torch
 
+from benchmarks.ot_discrimination import discrimination_check
 from cot2align_core.ot import (
     COST_KINDS,
     DEFAULT_COST,
@@ -21,7 +22,6 @@ from cot2align_core.ot import (
     SinkhornResult,
     attention_cost,
     cosine_cost,
-    discrimination_check,
     ot_alignment_loss,
     pairwise_cost,
     sinkhorn,
