@@ -62,6 +62,36 @@ def tidy_complete(fs: LocalFS, artifact_dir: str, lock_held: bool = False) -> No
         pass
 
 
+class CheckedParquetFile:
+    """A :class:`pyarrow.parquet.ParquetFile` whose reads raise
+    :class:`~storage.errors.CorruptDataError` (naming the shard and the repair) when a page
+    fails its CRC or cannot be decoded; everything else is the ParquetFile's own."""
+
+    _READS = ("read", "read_row_group", "read_row_groups")
+
+    def __init__(self, parquet_file: pq.ParquetFile, corrupt) -> None:
+        self._pf = parquet_file
+        self._corrupt = corrupt          # reason -> CorruptDataError
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._pf, name)
+        if name not in self._READS:
+            return attr
+
+        def checked(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+                raise self._corrupt(f"a page failed its check while reading ({e})") from None
+        return checked
+
+    def iter_batches(self, *args, **kwargs) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._pf.iter_batches(*args, **kwargs)
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            raise self._corrupt(f"a page failed its check while reading ({e})") from None
+
+
 class Artifact:
     """A complete artifact: its manifest, its shards and its side files."""
 
@@ -134,16 +164,18 @@ class Artifact:
     def _corrupt(self, relpath: str, reason: str) -> CorruptDataError:
         return CorruptDataError(self.url, relpath, reason)
 
-    def parquet_file(self, name: str) -> pq.ParquetFile:
+    def parquet_file(self, name: str) -> CheckedParquetFile:
         """The shard opened for random access (memory-mapped on a local store); not hashed
         whole, but its page CRCs are checked as pages are decoded (see the module doc)."""
         rec = self.shard(name)
         try:
-            return self.fs.parquet_file(self.fs.join(self.dir, rec.filename))
+            return CheckedParquetFile(self.fs.parquet_file(self.fs.join(self.dir, rec.filename)),
+                                      lambda reason: self._corrupt(rec.filename, reason))
         except FileNotFoundError:
             raise self._corrupt(rec.filename, "the file is missing") from None
-        except (OSError, pa.ArrowException) as e:
-            raise self._corrupt(rec.filename, f"its Parquet footer is unreadable ({e})") from None
+        except Exception as e:  # noqa: BLE001 - any failure to parse the footer means damaged
+            raise self._corrupt(rec.filename, f"its Parquet footer is unreadable "
+                                              f"({type(e).__name__}: {e})") from None
 
     def _verified_buffer(self, rec: ShardRecord | FileRecord, relpath: str) -> pa.Buffer:
         """The whole file, hashed against ``rec`` as it is read."""

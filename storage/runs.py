@@ -15,7 +15,8 @@ record; the next run with the same key replaces it. A record holds::
 
 ``gc`` keeps every artifact any record names, whatever its status; a record is dropped by
 deleting its file. While a run is open its record's heartbeat is refreshed by a background
-thread (``live`` in :func:`read_runs` tells a running record from one whose process died).
+thread (``live`` in :func:`read_runs` tells a running record from one whose process died:
+no heartbeat for ``RUN_STALE_AFTER_S``, or, on this machine, its pid is gone).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 from storage.errors import StoreError
 from storage.fingerprint import canonical_json
 from storage.fs import LocalFS, is_tmp_name
-from storage.locks import machine_id
+from storage.locks import machine_id, pid_alive
 
 RUNS_DIR = "_runs"
 RUN_HEARTBEAT_S = 30.0
@@ -148,7 +149,13 @@ def read_runs(fs: LocalFS, root: str) -> dict[str, dict[str, Any]]:
         rec.setdefault("config_name", rec.get("config", name[:-5]))
         rec.setdefault("scope", "run")
         rec.setdefault("status", "ok")
-        rec["live"] = rec["status"] == "running" and \
-            now - float(rec.get("heartbeat") or 0) < RUN_STALE_AFTER_S
+        rec["live"] = _live(rec, now)
         out[name[:-5]] = rec
     return out
+
+
+def _live(rec: dict[str, Any], now: float) -> bool:
+    """Running, with a recent heartbeat, and (on this machine) its process still there."""
+    if rec["status"] != "running" or now - float(rec.get("heartbeat") or 0) > RUN_STALE_AFTER_S:
+        return False
+    return rec.get("machine") != machine_id() or pid_alive(int(rec.get("pid") or -1))

@@ -1,9 +1,9 @@
 """One Parquet shard, written whole or not at all, with deterministic bytes.
 
 A shard ``<name>.parquet`` is written as ``<name>.parquet.tmp-<pid>`` and renamed into place
-when closed, so any ``*.parquet`` in an artifact folder is complete. Its record (rows, bytes,
-sha256, kind, info) is saved under ``_progress/`` *before* the rename: a resumed writer reads
-it instead of re-hashing the shard.
+when closed, so any ``*.parquet`` in an artifact folder was written whole. Its record (rows,
+bytes, sha256, kind, info) is journaled under ``_progress/`` *before* the rename: a resumed
+writer adopts a shard only when that record exists and the bytes on disk still hash to it.
 
 Determinism: the same rows written with the same options give the same bytes. Row groups are
 cut by the caller (a fixed row count, or :class:`~storage.teacher_cache.TeacherCacheWriter`'s

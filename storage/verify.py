@@ -132,8 +132,8 @@ def _check_shard(fs: LocalFS, path: str, rec: dict[str, Any], full: bool) -> str
             rows = pq.ParquetFile(pa.BufferReader(buf)).metadata.num_rows
         else:
             rows = fs.parquet_file(path).metadata.num_rows
-    except (OSError, pa.ArrowException) as e:
-        return f"Parquet footer unreadable ({e})"
+    except Exception as e:  # noqa: BLE001 - any failure to parse the footer means damaged
+        return f"Parquet footer unreadable ({type(e).__name__}: {e})"
     if rows != int(rec["rows"]):
         return f"holds {rows} rows, manifest says {rec['rows']}"
     return None

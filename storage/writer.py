@@ -472,6 +472,7 @@ class ArtifactWriter:
 
     def _finish(self) -> None:
         manifest = self._manifest()
+        self._lock.heartbeat()                  # also finds out whether the lock was lost
         if self._lock.lost:
             raise StoreError(f"not committing {self.label}: this writer lost its lock (it "
                              "stopped refreshing it, and another writer took it over); rerun")
