@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from storage.errors import CorruptDataError, StoreError
 from storage.fs import LocalFS, filesystem_for, is_tmp_name
 from storage.locks import LOCK_NAME, TAKEOVER_NAME, ArtifactLock
-from storage.manifest import INVALID_MANIFEST, MANIFEST, is_complete, load_manifest
+from storage.manifest import (INVALID_MANIFEST, MANIFEST, content_digest, is_complete,
+                              load_manifest)
 from storage.shards import PROGRESS_DIR, FileRecord, ShardRecord
 from storage.verify import CheckReport, check_artifact
 
@@ -121,6 +122,11 @@ class Artifact:
     upstream = property(lambda self: self.manifest.get("upstream", {}))
     info = property(lambda self: self.manifest.get("info", {}))
     digest = property(lambda self: self.manifest["digest"])
+
+    @property
+    def content_digest(self) -> str:
+        """What downstream manifests record (see :func:`storage.manifest.content_digest`)."""
+        return content_digest(self.manifest)
 
     @property
     def rows(self) -> int:

@@ -416,8 +416,9 @@ def verify_path(path: str | os.PathLike) -> list[CheckReport]:
 
 
 def failed(report: CheckReport) -> bool:
-    """Not OK, and not merely an artifact a live writer is still writing."""
-    return not report.ok and report.writer is None
+    """Not OK, and not merely an artifact a live writer is still writing (or an empty
+    folder)."""
+    return not report.ok and report.writer is None and report.status != "absent"
 
 
 def rerun_command(store: ArtifactStore, stage: str, fp: str) -> str:
@@ -432,15 +433,15 @@ def rerun_command(store: ArtifactStore, stage: str, fp: str) -> str:
 
 
 def repair(report: CheckReport) -> list[str]:
-    """Drop what is damaged in one failed artifact; lines saying what was done and what to
-    run next."""
+    """Drop what is damaged in one failed artifact (and set aside what was built from it);
+    lines saying what was done and what to run next."""
     fs, path = filesystem_for(report.path)
     store = ArtifactStore(store_root_of(path))
     stage, fp = _stage_fp(path)
     rerun = rerun_command(store, stage, fp)
     if report.action == "repair":
-        removed = store.invalidate_shards(stage, fp, report.bad_shards + report.bad_files)
-        lines = [f"repaired {report.path}: dropped {', '.join(removed)}"]
+        done = store.invalidate_shards(stage, fp, report.bad_shards + report.bad_files)
+        lines = [f"repaired {report.path}: dropped {', '.join(done.removed)}"]
         if report.bad_files:
             lines.append(f"  next: `{rerun}` reruns the stage (side files such as "
                          f"{', '.join(sorted({f.split('/')[0] for f in report.bad_files}))} "
@@ -448,18 +449,16 @@ def repair(report: CheckReport) -> list[str]:
         else:
             lines.append(f"  next: `{rerun}` recomputes only the dropped shards")
     elif report.action == "recompute":
-        store.set_aside(stage, fp)
+        done = store.set_aside(stage, fp)
         why = "stale" if report.stale else "its manifest cannot be trusted"
-        lines = [f"set aside {report.path} ({why})",
-                 f"  next: `{rerun}` recomputes it whole"]
+        lines = [f"set aside {report.path} ({why})", f"  next: `{rerun}` recomputes it whole"]
     else:
-        lines = [f"{report.path} is {report.status}: nothing to drop",
-                 f"  next: `{rerun}` finishes it (only shards whose journaled sha256 still "
-                 "matches are kept)"]
-    downstream = store.downstream_of(stage, fp)
-    if downstream:
-        lines.append("  built from it, to be recomputed when their stage next runs (they are "
-                     "now stale): " + ", ".join(f"{s}/{f}" for s, f in downstream))
+        return [f"{report.path} is {report.status}: nothing to drop",
+                f"  next: `{rerun}` finishes it (only shards whose journaled sha256 still "
+                "matches are kept)"]
+    if done.set_aside:
+        lines.append("  set aside too, as they were built from it (their stages recompute "
+                     "them): " + ", ".join(done.set_aside))
     return lines
 
 

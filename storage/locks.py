@@ -20,6 +20,7 @@ well within ``stale_after``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+@functools.lru_cache(maxsize=1)
 def machine_id() -> str:
     """This boot of this machine and this pid namespace: pids are comparable only within it."""
     try:

@@ -5,7 +5,7 @@ Fields (``MANIFEST_FORMAT`` 2)::
     format        2
     status        "complete"
     stage, fingerprint, version, params, upstream
-    upstream_digests  {key: digest of that upstream manifest when this artifact was opened}
+    upstream_digests  {key: content digest of that upstream artifact when this one was opened}
     shards        [{name, kind, rows, bytes, sha256, info?}]   sorted by name
     files         [{path, bytes, sha256}]                       sorted by path
     schemas       {kind: {string, fields: [{name, type, nullable}]}}
@@ -22,9 +22,13 @@ visible: :func:`load_manifest` raises :class:`~storage.errors.ManifestError` for
 of returning a manifest that lies. A manifest without a digest (format 1, written before
 digests existed) is refused the same way: its stage is recomputed.
 
-``upstream_digests`` make the artifacts downstream of a repaired or replaced artifact visibly
-stale: the upstream's manifest, rewritten, has a new digest (see
-:func:`storage.verify.check_artifact`).
+``upstream_digests`` make the artifacts built from an upstream whose bytes changed since (a
+``--force`` rerun that came out different) visibly stale (see
+:func:`storage.verify.check_artifact`). They hold :func:`content_digest`, which covers what
+the artifact *holds* (fingerprint, version, params, each shard's and file's name, size,
+rows and sha256), not when or by whom it was written: a rerun that writes the same bytes
+leaves its downstream valid. Repairs go further (see :meth:`storage.store.ArtifactStore.
+invalidate_shards`): they set aside every artifact built from the repaired one.
 
 An artifact whose shards are invalidated keeps its old manifest as ``manifest.invalid.json``
 (so it no longer counts as complete, and ``inspect`` still shows what it was); the records of
@@ -53,6 +57,19 @@ LIBRARIES = ("torch", "pyarrow", "transformers", "cot2align", "numpy", "fsspec",
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of the manifest without its ``digest`` field."""
     body = {k: v for k, v in manifest.items() if k != DIGEST}
+    return hashlib.sha256(canonical_json(body, "manifest").encode("utf-8")).hexdigest()
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """sha256 (hex) of what a complete artifact holds: fingerprint, version, params and the
+    (name, kind, rows, bytes, sha256) of each shard and (path, bytes, sha256) of each file."""
+    body = {
+        "fingerprint": manifest.get("fingerprint"), "version": manifest.get("version"),
+        "params": manifest.get("params"),
+        "shards": [{k: d[k] for k in ("name", "kind", "rows", "bytes", "sha256")}
+                   for d in manifest.get("shards", [])],
+        "files": [{k: d[k] for k in ("path", "bytes", "sha256")} for d in manifest.get("files", [])],
+    }
     return hashlib.sha256(canonical_json(body, "manifest").encode("utf-8")).hexdigest()
 
 

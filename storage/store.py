@@ -34,6 +34,7 @@ holds, and, unless asked, that are not partial artifacts holding training checkp
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -44,17 +45,17 @@ from typing import Any, Iterable, Sequence
 from storage.artifact import Artifact, load_artifact, native_path, open_artifact
 from storage.errors import READ_ONLY_FIX, ManifestError, StoreError
 from storage.fingerprint import ContentCache, content_digest, fingerprint
-from storage.fs import LocalFS, filesystem_for
+from storage.fs import filesystem_for
 from storage.locks import HEARTBEAT_EVERY_S, LOCK_NAME, LOG_EVERY_S, STALE_AFTER_S, ArtifactLock
 from storage.manifest import INVALID_MANIFEST, MANIFEST, is_complete, load_manifest, parse_iso
-from storage.runs import RUNS_DIR, RunRecord, begin_run, read_runs
+from storage.runs import RunRecord, begin_run, read_runs
 from storage.shards import FileRecord, ShardRecord
 from storage.verify import CheckReport, VerifyReport, check_artifact, upstream_digest, verify
 from storage.writer import ArtifactWriter, invalidate_in, set_aside
 
 __all__ = [
     "ArtifactStore", "ArtifactWriter", "Artifact", "StoreEntry", "ShardRecord", "FileRecord",
-    "CheckReport", "VerifyReport", "RunRecord", "StoreError", "fingerprint", "verify",
+    "CheckReport", "VerifyReport", "Repair", "RunRecord", "StoreError", "fingerprint", "verify",
     "open_artifact",
 ]
 
@@ -62,6 +63,7 @@ CACHE_DIR = "_cache"
 CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_ROOT = "./artifacts"
 _STAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+log = logging.getLogger("cot2align")
 
 
 def _check_stage_fp(stage: str, fp: str) -> None:
@@ -70,6 +72,15 @@ def _check_stage_fp(stage: str, fp: str) -> None:
                          "(not starting with '_', which is reserved for the store's own folders)")
     if not isinstance(fp, str) or not _STAGE.match(fp):
         raise StoreError(f"fingerprint {fp!r} is not allowed: use the hex string of fingerprint()")
+
+
+@dataclass
+class Repair:
+    """What a repair did: paths removed inside the artifact, and the artifacts built from it
+    that were set aside (``"stage/fingerprint"``), to be recomputed when their stage runs."""
+
+    removed: list[str]
+    set_aside: list[str]
 
 
 @dataclass
@@ -193,7 +204,7 @@ class ArtifactStore:
         return self.check(stage, fp, full=True)
 
     def upstream_digests(self, upstream: dict[str, str]) -> dict[str, str]:
-        """``{key: manifest digest}`` of the complete upstream artifacts named by
+        """``{key: content digest}`` of the complete upstream artifacts named by
         ``{key: fingerprint}`` (absent or incomplete ones are left out)."""
         out = {}
         for key, fp in upstream.items():
@@ -218,22 +229,46 @@ class ArtifactStore:
 
     # Repair ----------------------------------------------------------------------------
     def invalidate_shards(self, stage: str, fp: str, names: Iterable[str],
-                          lock_timeout: float | None = 60.0) -> list[str]:
+                          lock_timeout: float | None = 60.0) -> Repair:
         """Drop the named shards (and/or side files, by path; a file drops its registered
-        folder) so that the stage's next writer recomputes them alone; the manifest moves
-        to ``manifest.invalid.json``. Returns the removed paths (relative)."""
+        folder) so that the stage's next writer recomputes them alone; the manifest moves to
+        ``manifest.invalid.json``. Every artifact built from this one is set aside
+        (:meth:`set_aside_downstream`)."""
         path = self.artifact_dir(stage, fp)
         self.check_writable()
         with self.lock(path, f"{stage}/{fp} in {self.root}", timeout=lock_timeout):
-            return invalidate_in(self.fs, path, names)
+            removed = invalidate_in(self.fs, path, names)
+        return Repair(removed, self.set_aside_downstream(stage, fp, lock_timeout))
 
-    def set_aside(self, stage: str, fp: str, lock_timeout: float | None = 60.0) -> None:
+    def set_aside(self, stage: str, fp: str, lock_timeout: float | None = 60.0) -> Repair:
         """Make ``<stage>/<fp>`` recompute whole (a manifest that cannot be trusted, a stale
-        artifact): its manifest becomes ``manifest.invalid.json``, nothing is adopted."""
+        artifact): its manifest becomes ``manifest.invalid.json`` and its files are deleted;
+        every artifact built from it is set aside too."""
         path = self.artifact_dir(stage, fp)
         self.check_writable()
         with self.lock(path, f"{stage}/{fp} in {self.root}", timeout=lock_timeout):
             set_aside(self.fs, path)
+        return Repair([MANIFEST], self.set_aside_downstream(stage, fp, lock_timeout))
+
+    def set_aside_downstream(self, stage: str, fp: str,
+                             lock_timeout: float | None = 60.0) -> list[str]:
+        """Set aside every complete artifact built from ``<stage>/<fp>``, transitively; they
+        may hold results of damaged bytes. Returns them as ``"stage/fingerprint"``."""
+        done: list[str] = []
+        todo = self.downstream_of(stage, fp)
+        while todo:
+            down_stage, down_fp = todo.pop(0)
+            label = f"{down_stage}/{down_fp}"
+            if label in done:
+                continue
+            path = self.artifact_dir(down_stage, down_fp)
+            with self.lock(path, f"{label} in {self.root}", timeout=lock_timeout):
+                set_aside(self.fs, path)
+            log.warning("set aside %s: it was built from %s/%s, which is being repaired",
+                        label, stage, fp)
+            done.append(label)
+            todo.extend(self.downstream_of(down_stage, down_fp))
+        return done
 
     def discard(self, stage: str, fp: str, lock_timeout: float | None = 60.0) -> None:
         """Remove one artifact (complete or not); waits for a live writer's lock like a

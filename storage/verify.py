@@ -7,8 +7,9 @@
   ``manifest.invalid.json``), "partial" (never finished: files but no manifest) or "absent";
 - for a complete one, ``problems``: every listed shard and side file is present with the
   manifest's size; every shard's Parquet footer is readable and its row count equals the
-  manifest's; each upstream artifact's manifest still has the digest recorded when this one
-  was built (else this one is *stale*: its upstream was repaired or replaced since);
+  manifest's; each upstream artifact still has the content digest recorded when this one
+  was built (else this one is *stale*: its upstream was recomputed into other bytes, or is
+  being repaired);
 - with ``full=True`` (``verify``) each file is also re-hashed against its sha256, and the
   footer is read from the hashed bytes (one read per file).
 
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 from storage.errors import ManifestError
 from storage.fs import LocalFS, filesystem_for, is_tmp_name
 from storage.locks import LOCK_NAME, ArtifactLock
-from storage.manifest import DIGEST, INVALID_MANIFEST, MANIFEST, is_complete, load_manifest
+from storage.manifest import (INVALID_MANIFEST, MANIFEST, content_digest, is_complete,
+                              load_manifest)
 
 ROOT_MARKERS = (MANIFEST, INVALID_MANIFEST, LOCK_NAME, "_progress")
 
@@ -91,8 +93,7 @@ class CheckReport:
         if self.ok:
             return "reuse"
         if self.status == "complete":
-            return "recompute" if self.stale or any(
-                p.what == "manifest" for p in self.problems) else "repair"
+            return "recompute" if self.stale else "repair"
         return {"broken": "recompute", "absent": "compute"}.get(self.status, "resume")
 
     def summary(self) -> str:
@@ -157,15 +158,16 @@ def store_root_of(artifact_dir: str) -> str:
 
 
 def upstream_digest(fs: LocalFS, root: str, key: str, fp: str) -> tuple[str | None, str]:
-    """The digest of the complete upstream artifact ``key`` (``stage`` or ``stage:variant``)
-    with fingerprint ``fp``, or None and why not ("absent", "broken: ...", "not complete")."""
+    """The content digest of the complete upstream artifact ``key`` (``stage`` or
+    ``stage:variant``) with fingerprint ``fp``, or None and why not ("absent", "broken: ...",
+    "not complete")."""
     path = fs.join(root, key.split(":")[0], fp)
     try:
         manifest = load_manifest(fs, path)
     except ManifestError as e:
         return None, f"broken: {e}"
     if is_complete(manifest):
-        return manifest[DIGEST], "complete"
+        return content_digest(manifest), "complete"
     if manifest is None and not fs.exists(path):
         return None, "absent"
     return None, "not complete (invalidated for repair, or being rewritten)"
@@ -184,8 +186,8 @@ def _check_upstreams(fs: LocalFS, path: str, manifest: dict[str, Any],
         if state == "absent":
             continue                # removed by gc: nothing says it changed
         if current != recorded:
-            why = (f"its manifest changed since this artifact was built (recorded digest "
-                   f"{recorded[:12]}, now {current[:12]}): it was repaired or replaced"
+            why = (f"its content changed since this artifact was built (recorded digest "
+                   f"{recorded[:12]}, now {current[:12]}): it was recomputed into other bytes"
                    if current else f"it is {state}")
             report.problems.append(Problem("upstream", f"{key}/{fp}", f"{why}; this artifact "
                                            "is stale and must be recomputed"))

@@ -19,7 +19,10 @@ artifact (:func:`finish_replace`), since the new manifest is already complete.
 
 Invalidating (:func:`invalidate_in`): the named shards or side files are deleted, the
 records of the others go to the journal, and the manifest is set aside as
-``manifest.invalid.json``: the next writer recomputes exactly what was dropped.
+``manifest.invalid.json``: the next writer recomputes exactly what was dropped. Every
+artifact built from it is set aside whole (:func:`set_aside`, through
+:meth:`storage.store.ArtifactStore.set_aside_downstream`): it may hold results of the damaged
+bytes.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from storage.artifact import Artifact, load_artifact, native_path, tidy_complete
 from storage.errors import ArtifactCompleteError, StoreError, describe_os_error
 from storage.fingerprint import FingerprintError, canonical_json
 from storage.fs import LocalFS, is_tmp_name
-from storage.locks import LOCK_NAME, ArtifactLock
+from storage.locks import LOCK_NAME
 from storage.manifest import (INVALID_MANIFEST, MANIFEST, MANIFEST_FORMAT, is_complete,
                               library_versions, load_manifest, manifest_bytes, utc_iso)
 from storage.shards import (DEFAULT_ROW_GROUP_ROWS, PROGRESS_DIR, FileRecord, ShardRecord,
@@ -142,11 +145,15 @@ def invalidate_in(fs: LocalFS, path: str, names: Iterable[str]) -> list[str]:
 
 
 def set_aside(fs: LocalFS, path: str) -> None:
-    """Make the whole artifact recompute: its manifest (even one that cannot be read) becomes
-    ``manifest.invalid.json`` and the journal is cleared, so nothing on disk is adopted."""
+    """Make the whole artifact recompute from nothing: its manifest (even one that cannot be
+    read) becomes ``manifest.invalid.json``; its shards, side files, journal and checkpoints
+    are deleted (none of them can be trusted, or they were computed from inputs that
+    changed)."""
     if fs.exists(fs.join(path, MANIFEST)):
         fs.replace(fs.join(path, MANIFEST), fs.join(path, INVALID_MANIFEST))
-    fs.rmtree(fs.join(path, PROGRESS_DIR))
+    for entry in fs.listdir(path):
+        if entry not in (LOCK_NAME, INVALID_MANIFEST):
+            _remove_entry(fs, fs.join(path, entry))
 
 
 def finish_replace(fs: LocalFS, final: str) -> bool:
@@ -243,6 +250,7 @@ class ArtifactWriter:
             log.info("finished the interrupted replacement of %s", self.label)
         if self._invalidate:
             invalidate_in(fs, self.final_dir, self._invalidate)
+            self.store.set_aside_downstream(self.stage, self.fingerprint)
         if self.replace:
             self.dir = fs.join(self.final_dir, REPLACE_DIR)
             fs.makedirs(self.dir)

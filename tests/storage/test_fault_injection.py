@@ -618,26 +618,52 @@ def test_read_only_store_is_reused_and_writing_names_the_store_setting(store):
 # Stale downstream after a repair; paths that do not exist
 
 
-def test_downstream_of_a_repaired_artifact_is_stale(store, capsys):
-    up = write_parts(store)
-    with store.writer("tokenize", "tok", params={}, upstream={"generate": up.fingerprint}) as w:
-        w.write_shard("student-00000", rationale_table(2))
-    down = store.get("tokenize", "tok")
-    assert down.manifest["upstream_digests"] == {"generate": up.digest}
+def _one_shard(store, stage: str, fp: str, rows: int, upstream: dict | None = None,
+               replace: bool = False):
+    with store.writer(stage, fp, params={}, upstream=upstream, replace=replace) as w:
+        w.write_shard("part-00000", rationale_table(rows))
+    return store.get(stage, fp)
+
+
+def test_downstream_is_stale_when_its_upstream_is_recomputed_into_other_bytes(store):
+    up = _one_shard(store, "generate", "gen", 10)
+    down = _one_shard(store, "tokenize", "tok", 2, upstream={"generate": "gen"})
+    assert down.manifest["upstream_digests"] == {"generate": up.content_digest}
     assert down.check_quick().ok and down.check_quick().upstreams_checked == 1
-    flip(Path(up.shard_path("part-00000")))
-    assert run_cli("verify", "--repair", str(up.path)) == 0
-    assert "tokenize/tok" in capsys.readouterr().out
-    assert down.check_quick().stale                          # upstream not complete now
-    repaired = write_parts(store, fp=up.fingerprint)
+    _one_shard(store, "generate", "gen", 10, replace=True)       # --force, the same bytes
+    assert down.check_quick().ok
+    new = _one_shard(store, "generate", "gen", 8, replace=True)  # --force, other bytes
     report = down.check_quick()
     assert report.stale and report.action == "recompute"
-    assert f"generate/{up.fingerprint}" in report.summary()
-    assert up.digest[:12] in report.summary() and repaired.digest[:12] in report.summary()
-    with store.writer("tokenize", "tok", params={}, upstream={"generate": up.fingerprint},
-                      replace=True) as w:
-        w.write_shard("student-00000", rationale_table(2))
+    for text in ("upstream generate/gen", up.content_digest[:12], new.content_digest[:12]):
+        assert text in report.summary()
+    _one_shard(store, "tokenize", "tok", 2, upstream={"generate": "gen"}, replace=True)
     assert store.check("tokenize", "tok").ok
+
+
+def test_repair_sets_aside_everything_built_from_the_repaired_artifact(store, capsys):
+    up = write_parts(store)
+    chain = {"generate": up.fingerprint}
+
+    def build_downstream():
+        _one_shard(store, "tokenize", "tok", 2, upstream=chain)
+        _one_shard(store, "cache_teacher", "cache", 2, upstream={"tokenize": "tok"})
+
+    build_downstream()
+    flip(Path(up.shard_path("part-00000")))
+    assert run_cli("verify", "--repair", str(up.path)) == 0
+    out = capsys.readouterr().out
+    assert "set aside too" in out and "tokenize/tok" in out and "cache_teacher/cache" in out
+    for stage, fp in (("tokenize", "tok"), ("cache_teacher", "cache")):
+        assert store.get(stage, fp) is None and store.check(stage, fp).status == "invalidated"
+        assert os.listdir(store.path(stage, fp)) == ["manifest.invalid.json"]
+    # A stage repairing itself (writer(invalidate=...)) sets aside the same way.
+    write_parts(store, fp=up.fingerprint)
+    build_downstream()
+    with store.writer("generate", up.fingerprint, params=PARAMS, invalidate=["part-00001"]) as w:
+        w.write_shard("part-00001", rationale_table(10).slice(0, 9), row_group_size=4,
+                      info={"kept": 9})
+    assert store.get("tokenize", "tok") is None and store.get("cache_teacher", "cache") is None
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect", "ls", "gc"])
