@@ -30,10 +30,13 @@ class CorruptDataError(StoreError):
 
     def __init__(self, artifact: str, relpath: str, reason: str) -> None:
         self.artifact, self.relpath, self.reason = artifact, relpath, reason
+        stage = artifact.rstrip("/").rsplit("/", 2)[-2]
+        redo = ("recomputes only the dropped shards" if relpath.endswith(".parquet")
+                else "reruns the stage (a side file cannot be recomputed alone)")
         super().__init__(
             f"{artifact}/{relpath} is damaged: {reason}. Nothing read from it was used. Repair: "
-            f"`cot2align verify --repair {artifact}` (drops the damaged files), then rerun its "
-            "stage, which recomputes only what was dropped.")
+            f"`cot2align verify --repair {artifact}` drops what is damaged, then "
+            f"`cot2align stage {stage} CONFIG` (or `cot2align run CONFIG`) {redo}.")
 
 
 class StoreWriteError(StoreError):
