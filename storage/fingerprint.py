@@ -7,12 +7,18 @@ string keys, lists/tuples, strings, finite numbers, booleans, None), so the same
 the same fingerprint in every process and on every machine, and anything else (a Path, a
 torch dtype, a NaN) is refused with the key path that holds it rather than silently hashed by
 its ``repr``.
+
+Inputs enter by content: :func:`content_digest` turns a local data file, model or tokenizer
+folder into a sha256 of its bytes, so editing one changes the fingerprints that depend on it.
+A :class:`ContentCache` remembers each file's hash by ``(path, size, mtime_ns)``: a 10 GB
+model folder is hashed once, and again only when a file in it changes size or time.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 from typing import Any
 
 FINGERPRINT_CHARS = 16
@@ -75,3 +81,95 @@ def fingerprint(stage: str, params: dict[str, Any], upstream: dict[str, str],
     blob = canonical_json({"stage": stage, "params": params, "upstream": upstream,
                            "version": version})
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]
+
+
+class ContentCache:
+    """``{real path: [size, mtime_ns, sha256]}`` in a small JSON file (``None``: in memory).
+
+    Saved by :meth:`save` (merged with what other processes saved meanwhile); a store that
+    cannot be written keeps the cache in memory, silently: it only saves time.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.entries: dict[str, list] = self._load()
+        self.changed = False
+
+    def _load(self) -> dict[str, list]:
+        if self.path is None:
+            return {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def file_sha256(self, path: str) -> str:
+        """sha256 of the file at ``path``, from the cache when its size and mtime match."""
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        hit = self.entries.get(real)
+        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        self.entries[real] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self.changed = True
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        merged = {**self._load(), **self.entries}
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(merged, f)
+            os.replace(tmp, self.path)
+            self.changed = False
+        except OSError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def _content_files(root: str) -> list[str]:
+    """Relative paths of the files under ``root``, sorted; names starting with '.' (``.git``,
+    ``.cache``) are skipped at every level."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(p.replace(os.sep, "/") for p in out)
+
+
+def content_digest(path: str | os.PathLike, cache: ContentCache | None = None) -> str | None:
+    """sha256 (hex) of a local file's bytes, or of a folder's files, or None when ``path`` is
+    not an existing local path (a hub id such as ``"gpt2"``: it stays a name).
+
+    A folder's digest hashes, for each file (sorted relative path, hidden ones skipped), the
+    line ``<relative path>\0<size>\0<sha256>\n``: renaming, adding, removing or editing a
+    file changes it; the folder's own path and the files' times do not. ``cache`` (see
+    :class:`ContentCache`) spares re-hashing unchanged files; it is saved before returning.
+    """
+    p = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(p):
+        return None
+    cache = cache if cache is not None else ContentCache(None)
+    if os.path.isfile(p):
+        digest = cache.file_sha256(p)
+    else:
+        h = hashlib.sha256()
+        for rel in _content_files(p):
+            full = os.path.join(p, rel)
+            h.update(f"{rel}\0{os.path.getsize(full)}\0{cache.file_sha256(full)}\n".encode())
+        digest = h.hexdigest()
+    cache.save()
+    return digest

@@ -17,6 +17,7 @@ import shutil
 import time
 from typing import IO
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 CHUNK = 8 << 20
@@ -103,7 +104,14 @@ class LocalFS:
         return True
 
     def parquet_file(self, path: str) -> pq.ParquetFile:
-        return pq.ParquetFile(path, memory_map=True)
+        """The file opened for reading, memory-mapped; pages written with CRCs (see
+        :data:`storage.shards.PARQUET_DEFAULTS`) are checked as they are decoded."""
+        return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+
+    def read_buffer(self, path: str) -> pa.Buffer:
+        """The whole file as an Arrow buffer (memory-mapped, so it is read, not copied)."""
+        with pa.memory_map(path) as source:
+            return source.read_buffer()
 
     # Shared helpers -------------------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:
@@ -111,11 +119,20 @@ class LocalFS:
             return f.read()
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        """Write ``data`` under a temporary name, then rename it into place."""
+        """Write ``data`` under a temporary name, then rename it into place. On any error
+        the temporary file is removed before the error propagates (a full disk stays no
+        fuller than it was)."""
         tmp = tmp_name(path)
-        with self.open(tmp, "wb") as f:
-            f.write(data)
-        self.replace(tmp, path)
+        try:
+            with self.open(tmp, "wb") as f:
+                f.write(data)
+            self.replace(tmp, path)
+        except BaseException:
+            try:
+                self.remove(tmp)
+            except OSError:
+                pass
+            raise
 
     def sha256(self, path: str) -> str:
         h = hashlib.sha256()
@@ -156,8 +173,8 @@ class FsspecFS(LocalFS):
 
     def replace(self, src: str, dst: str) -> None:
         if self.fs.exists(dst):
-            self.fs.rm(dst)
-        self.fs.mv(src, dst)
+            self.fs.rm(dst, recursive=self.fs.isdir(dst))
+        self.fs.mv(src, dst, recursive=self.fs.isdir(src))
 
     def remove(self, path: str) -> None:
         if self.fs.exists(path):
@@ -209,7 +226,10 @@ class FsspecFS(LocalFS):
             return True
 
     def parquet_file(self, path: str) -> pq.ParquetFile:
-        return pq.ParquetFile(self.fs.open(path, "rb"))
+        return pq.ParquetFile(self.fs.open(path, "rb"), page_checksum_verification=True)
+
+    def read_buffer(self, path: str) -> pa.Buffer:
+        return pa.py_buffer(self.read_bytes(path))
 
 
 def filesystem_for(location: str | os.PathLike) -> tuple[LocalFS, str]:

@@ -11,11 +11,20 @@ returns an exit code. ``python -m storage.inspect ...`` runs them on their own.
   "tokenizer" (``student.tokenizer``, ``student_tokenizer_dir``...) or, failing that, any
   single "tokenizer" param, pointing to a local folder. Teacher-cache rows show per-layer
   statistics of the hidden states.
-- ``verify PATH``: exit 0 when every shard and side file matches its manifest, else 1 with
-  each bad one named. On a store root: every complete artifact.
+- ``verify PATH [--repair]``: exit 0 when every artifact is complete and every shard and side
+  file matches its manifest (sha256, size, rows in the Parquet footer), the manifest its
+  digest, and each upstream manifest the digest recorded; else 1, each problem named. On a
+  store root: every artifact folder, partial (never finished) and broken ones included;
+  one being written by a live writer is noted, not failed. ``--repair`` then drops exactly
+  the damaged shards and files (or sets a broken or stale artifact aside) and prints the
+  command that recomputes them.
 - ``ls [STORE] [--garbage] [--json]``: artifacts with stage, fingerprint, status, rows, size,
-  age, referencing configs.
-- ``gc [STORE] [--yes]``: the unreferenced artifacts; removed only with ``--yes``.
+  age, the run records that name them.
+- ``gc [STORE] [--yes] [--include-partial]``: lists exactly what would be removed (with
+  sizes) and why the rest is kept; removes it only with ``--yes``.
+
+A path that does not exist, a file, or a folder that is neither an artifact nor a store is
+an error (exit 2) for every command.
 """
 from __future__ import annotations
 
@@ -28,12 +37,14 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from storage.errors import ManifestError, StoreError
 from storage.fs import LocalFS, filesystem_for, is_tmp_name
-from storage.manifest import INVALID_MANIFEST, MANIFEST, is_complete, read_manifest
+from storage.manifest import INVALID_MANIFEST, is_complete, load_manifest, read_manifest
+from storage.runs import RUNS_DIR
 from storage.schemas import ListColumn, detect_kind
 from storage.shards import kind_of
-from storage.store import ArtifactStore, StoreEntry
-from storage.verify import VerifyReport, verify_dir
+from storage.store import CACHE_DIR, ArtifactStore, StoreEntry
+from storage.verify import CheckReport, check_artifact, looks_like_artifact, store_root_of
 
 DEFAULT_STORE_ENV = "COT2ALIGN_STORE"
 TEXT_CHARS = 400
@@ -75,10 +86,42 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 # Locating things
 
 
-def is_artifact_dir(fs: LocalFS, path: str) -> bool:
-    names = set(fs.listdir(path))
-    return bool(names & {MANIFEST, INVALID_MANIFEST, ".lock", "_progress"}) or any(
-        n.endswith(".parquet") for n in names)
+class PathError(StoreError):
+    """A command was given a path that is not what it needs."""
+
+
+def looks_like_store(fs: LocalFS, path: str) -> bool:
+    """An empty folder, one with ``_runs/`` or ``_cache/``, or one holding
+    ``<stage>/<fingerprint>/`` artifact folders."""
+    names = fs.listdir(path)
+    if not names or RUNS_DIR in names or CACHE_DIR in names:
+        return True
+    for stage in names:
+        stage_dir = fs.join(path, stage)
+        if stage.startswith((".", "_")) or not fs.isdir(stage_dir):
+            continue
+        if any(looks_like_artifact(fs, fs.join(stage_dir, fp)) for fp in fs.listdir(stage_dir)):
+            return True
+    return False
+
+
+def locate(path: str | os.PathLike, want: str = "either") -> tuple[str, LocalFS, str]:
+    """``("artifact" | "store", fs, path)`` for PATH; :class:`PathError` when it does not
+    exist, is a file, or is neither (``want="store"``: must be a store)."""
+    fs, p = filesystem_for(path)
+    url = fs.url(p)
+    if not fs.exists(p):
+        raise PathError(f"{url} does not exist: give an artifact folder "
+                        "(<store>/<stage>/<fingerprint>) or a store root (the config's `store:`)")
+    if not fs.isdir(p):
+        raise PathError(f"{url} is a file, not an artifact folder or a store root")
+    if want != "store" and looks_like_artifact(fs, p):
+        return "artifact", fs, p
+    if looks_like_store(fs, p):
+        return "store", fs, p
+    what = "a store root" if want == "store" else "an artifact folder or a store root"
+    raise PathError(f"{url} is not {what}: a store holds <stage>/<fingerprint>/ folders and "
+                    "_runs/; an artifact folder holds a manifest.json and its shards")
 
 
 def _flatten(params: Any, prefix: str = "") -> dict[str, Any]:
@@ -184,8 +227,11 @@ def _sample_teacher_cache(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 def inspect_artifact(fs: LocalFS, path: str, rows: int = 3,
                      tokenizer_dir: str | None = None) -> dict[str, Any]:
     """The summary ``inspect`` shows for one artifact folder (complete or not)."""
-    manifest = read_manifest(fs, path)
-    complete = is_complete(manifest)
+    try:
+        manifest, broken = load_manifest(fs, path), None
+    except ManifestError as e:
+        manifest, broken = read_manifest(fs, path), str(e)
+    complete = is_complete(manifest) and broken is None
     invalid = read_manifest(fs, path, INVALID_MANIFEST)
     meta = manifest if complete else (invalid or {})
     if complete:
@@ -201,7 +247,8 @@ def inspect_artifact(fs: LocalFS, path: str, rows: int = 3,
                     continue
                 shards.append({"name": name[:-8], "kind": kind_of(name[:-8]), "rows": n,
                                "bytes": fs.size(full)})
-    status = "complete" if complete else ("invalidated" if invalid else "partial")
+    status = "complete" if complete else (
+        "broken" if broken else "invalidated" if invalid else "partial")
     parent, fp = os.path.split(path.rstrip("/"))
     meta = {"stage": os.path.basename(parent), "fingerprint": fp, **meta}
     summary: dict[str, Any] = {
@@ -211,12 +258,18 @@ def inspect_artifact(fs: LocalFS, path: str, rows: int = 3,
         "rows": sum(s["rows"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards) + sum(
             f["bytes"] for f in (meta.get("files") or [])),
-        "shards": shards, "files": meta.get("files") or [], "kinds": {}, "notes": [],
+        "shards": shards, "files": meta.get("files") or [], "kinds": {},
+        "notes": [broken] if broken else [],
     }
     tokenizers: dict[str, Any] = {}
     for kind in sorted({s["kind"] for s in shards}):
         of_kind = [s for s in shards if s["kind"] == kind]
-        pf = fs.parquet_file(fs.join(path, of_kind[0]["name"] + ".parquet"))
+        try:
+            pf = fs.parquet_file(fs.join(path, of_kind[0]["name"] + ".parquet"))
+        except (OSError, pa.ArrowException) as e:
+            summary["notes"].append(f"shard {of_kind[0]['name']} is unreadable ({e}): "
+                                    f"`cot2align verify --repair {fs.url(path)}`")
+            continue
         schema = pf.schema_arrow
         table_kind = detect_kind(schema)
         entry = {"table": table_kind, "shards": len(of_kind),
@@ -254,11 +307,9 @@ def inspect_store(store: ArtifactStore) -> dict[str, Any]:
 
 def inspect_path(path: str | os.PathLike, rows: int = 3,
                  tokenizer_dir: str | None = None) -> dict[str, Any]:
-    """``inspect`` of an artifact folder, or of a store root when PATH is not an artifact."""
-    fs, p = filesystem_for(path)
-    if not fs.isdir(p):
-        raise FileNotFoundError(f"{fs.url(p)} is not a folder (an artifact or a store root)")
-    if is_artifact_dir(fs, p):
+    """``inspect`` of an artifact folder or a store root; :class:`PathError` otherwise."""
+    kind, fs, p = locate(path)
+    if kind == "artifact":
         return inspect_artifact(fs, p, rows=rows, tokenizer_dir=tokenizer_dir)
     return inspect_store(ArtifactStore(os.fspath(path)))
 
@@ -330,7 +381,8 @@ def _format_sample(table: str | None, row: dict[str, Any]) -> str:
 def format_entries(entries: Sequence[StoreEntry]) -> str:
     if not entries:
         return "(no artifacts)"
-    body = [[e.stage, e.fingerprint, e.status + (" (locked)" if e.locked_by else ""),
+    body = [[e.stage, e.fingerprint, e.status + (" (locked)" if e.locked_by else "")
+             + (" (checkpoints)" if e.checkpoints and e.status != "complete" else ""),
              "-" if e.rows is None else f"{e.rows:,}", human_bytes(e.bytes), human_age(e.age_s),
              ",".join(e.referenced_by) or "-"] for e in entries]
     return _table(body, ["stage", "fingerprint", "status", "rows", "size", "age", "used by"])
@@ -338,32 +390,82 @@ def format_entries(entries: Sequence[StoreEntry]) -> str:
 
 def format_store(s: dict[str, Any]) -> str:
     entries = [StoreEntry(**d) for d in s["artifacts"]]
-    runs = ", ".join(f"{k} ({v.get('time')})" for k, v in s["runs"].items()) or "none recorded"
-    return f"store {s['store']}\nruns: {runs}\n\n{format_entries(entries)}"
+    runs = [f"  {v['config_name']} [{v['scope']}, {v['status']}{', live' if v['live'] else ''}] "
+            f"{v.get('config_path') or ''} {' '.join(v.get('overrides') or [])}".rstrip()
+            for v in s["runs"].values()]
+    runs_text = "\n".join(runs) if runs else "  none recorded"
+    return f"store {s['store']}\nruns:\n{runs_text}\n\n{format_entries(entries)}"
 
 
 # ---------------------------------------------------------------------------------------
-# verify, ls, gc
+# verify, repair, ls, gc
 
 
-def verify_path(path: str | os.PathLike) -> list[VerifyReport]:
-    """Reports for an artifact folder, or for every complete artifact of a store root."""
-    fs, p = filesystem_for(path)
-    if is_artifact_dir(fs, p):
-        return [verify_dir(fs, p)]
+def _stage_fp(path: str) -> tuple[str, str]:
+    stage_dir, fp = path.rstrip("/").rsplit("/", 1)
+    return stage_dir.rsplit("/", 1)[-1], fp
+
+
+def verify_path(path: str | os.PathLike) -> list[CheckReport]:
+    """Full reports for an artifact folder, or for every artifact folder of a store root."""
+    kind, fs, p = locate(path)
+    if kind == "artifact":
+        return [check_artifact(fs, p, full=True)]
     store = ArtifactStore(os.fspath(path))
-    return [verify_dir(store.fs, store.artifact_dir(e.stage, e.fingerprint))
-            for e in store.list_artifacts() if e.status == "complete"]
+    return [check_artifact(fs, d, full=True) for _, _, d in store._artifact_dirs()]
 
 
-def default_store() -> str:
-    return os.environ.get(DEFAULT_STORE_ENV, "./artifacts")
+def failed(report: CheckReport) -> bool:
+    """Not OK, and not merely an artifact a live writer is still writing (or an empty
+    folder)."""
+    return not report.ok and report.writer is None and report.status != "absent"
+
+
+def rerun_command(store: ArtifactStore, stage: str, fp: str) -> str:
+    """``cot2align stage STAGE CONFIG [--set ...]`` with the config of a run record that
+    names the artifact, else with a CONFIG placeholder."""
+    for rec in store.runs().values():
+        if rec.get("config_path") and any(k.split(":")[0] == stage and v == fp
+                                          for k, v in rec["artifacts"].items()):
+            sets = "".join(f" --set {o}" for o in rec.get("overrides") or [])
+            return f"cot2align stage {stage} {rec['config_path']}{sets}"
+    return f"cot2align stage {stage} CONFIG (the config that made it)"
+
+
+def repair(report: CheckReport) -> list[str]:
+    """Drop what is damaged in one failed artifact (and set aside what was built from it);
+    lines saying what was done and what to run next."""
+    fs, path = filesystem_for(report.path)
+    store = ArtifactStore(store_root_of(path))
+    stage, fp = _stage_fp(path)
+    rerun = rerun_command(store, stage, fp)
+    if report.action == "repair":
+        done = store.invalidate_shards(stage, fp, report.bad_shards + report.bad_files)
+        lines = [f"repaired {report.path}: dropped {', '.join(done.removed)}"]
+        if report.bad_files:
+            lines.append(f"  next: `{rerun}` reruns the stage (side files such as "
+                         f"{', '.join(sorted({f.split('/')[0] for f in report.bad_files}))} "
+                         "cannot be recomputed alone)")
+        else:
+            lines.append(f"  next: `{rerun}` recomputes only the dropped shards")
+    elif report.action == "recompute":
+        done = store.set_aside(stage, fp)
+        why = "stale" if report.stale else "its manifest cannot be trusted"
+        lines = [f"set aside {report.path} ({why})", f"  next: `{rerun}` recomputes it whole"]
+    else:
+        return [f"{report.path} is {report.status}: nothing to drop",
+                f"  next: `{rerun}` finishes it (only shards whose journaled sha256 still "
+                "matches are kept)"]
+    if done.set_aside:
+        lines.append("  set aside too, as they were built from it (their stages recompute "
+                     "them): " + ", ".join(done.set_aside))
+    return lines
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         summary = inspect_path(args.path, rows=args.rows, tokenizer_dir=args.tokenizer)
-    except (FileNotFoundError, OSError) as e:
+    except (PathError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -376,23 +478,56 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    reports = verify_path(args.path)
+    try:
+        reports = verify_path(args.path)
+    except PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not reports:
-        print(f"{args.path}: no complete artifacts to verify")
+        print(f"{args.path}: an empty store, nothing to verify")
         return 0
     for r in reports:
-        print(r.summary())
-    bad = [r for r in reports if not r.ok]
-    if bad:
-        names = [f"{r.path}: {', '.join(p.name for p in r.problems)}" for r in bad]
-        print(f"\n{len(bad)} of {len(reports)} artifacts FAILED verification:\n  " +
-              "\n  ".join(names), file=sys.stderr)
+        note = (f"  (being written by {r.writer.get('host')} pid {r.writer.get('pid')}: not "
+                "checked)" if r.writer is not None else "")
+        print(r.details() + note)
+    bad = [r for r in reports if failed(r)]
+    if not bad:
+        return 0
+    print(f"\n{len(bad)} of {len(reports)} artifacts FAILED verification:\n  " + "\n  ".join(
+        f"{r.path}: {r.status}, " + "; ".join(str(p) for p in r.problems) for r in bad),
+        file=sys.stderr)
+    if not args.repair:
+        print("\nrun `cot2align verify --repair PATH` to drop what is damaged", file=sys.stderr)
         return 1
-    return 0
+    code = 0
+    print()
+    for r in bad:
+        try:
+            print("\n".join(repair(r)))
+        except StoreError as e:
+            print(f"could not repair {r.path}: {e}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def open_store_arg(path: str | None) -> ArtifactStore:
+    """The store at PATH (default ``$COT2ALIGN_STORE`` or ./artifacts); PathError if PATH is
+    missing, a file, or not a store."""
+    path = path or default_store()
+    locate(path, want="store")
+    return ArtifactStore(path)
+
+
+def default_store() -> str:
+    return os.environ.get(DEFAULT_STORE_ENV, "./artifacts")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store = ArtifactStore(args.store or default_store())
+    try:
+        store = open_store_arg(args.store)
+    except PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     entries = store.garbage() if args.garbage else store.list_artifacts()
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2, default=str))
@@ -402,17 +537,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    store = ArtifactStore(args.store or default_store())
-    garbage = store.garbage()
+    try:
+        store = open_store_arg(args.store)
+    except PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    entries = store.list_artifacts(include_partial=args.include_partial)
+    garbage = [e for e in entries if e.keep is None]
+    notable = [e for e in entries if e.keep is not None and not e.referenced_by]
+    for e in notable:
+        print(f"keeping {e.stage}/{e.fingerprint} ({human_bytes(e.bytes)}): {e.keep}")
     if not garbage:
-        print("nothing to remove: every artifact is referenced by a config's latest run")
+        print(f"nothing to remove in {store.root}: every artifact is named by a run record, "
+              "held by a live writer, or holds checkpoints")
         return 0
-    print(format_entries(garbage))
     total = human_bytes(sum(e.bytes for e in garbage))
+    print(f"{'removing' if args.yes else 'would remove'} {len(garbage)} artifacts ({total}) "
+          "that no run record names:")
+    print(format_entries(garbage))
     if not args.yes:
-        print(f"\n{len(garbage)} unreferenced artifacts ({total}); rerun with --yes to remove them")
+        print("\nrerun with --yes to remove exactly these")
         return 0
-    removed = store.remove(garbage)
+    try:
+        removed = store.remove(garbage, include_partial=args.include_partial)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"\nremoved {len(removed)} artifacts ({total})")
     return 0
 
@@ -428,20 +578,25 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("verify", help="re-hash shards and files against manifests")
     p.add_argument("path", help="artifact folder or store root")
+    p.add_argument("--repair", action="store_true",
+                   help="drop damaged shards/files (or set broken/stale artifacts aside) so "
+                        "that their stage recomputes them, and print the command to run")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("ls", help="list the artifacts of a store")
     p.add_argument("store", nargs="?", default=None,
                    help=f"store root (default ${DEFAULT_STORE_ENV} or ./artifacts)")
     p.add_argument("--garbage", action="store_true",
-                   help="only artifacts no config's latest run references")
+                   help="only the artifacts gc would remove")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ls)
 
-    p = subparsers.add_parser("gc", help="remove artifacts no config's latest run references")
+    p = subparsers.add_parser("gc", help="remove artifacts that no run record names")
     p.add_argument("store", nargs="?", default=None,
                    help=f"store root (default ${DEFAULT_STORE_ENV} or ./artifacts)")
     p.add_argument("--yes", action="store_true", help="really remove them")
+    p.add_argument("--include-partial", action="store_true",
+                   help="also remove unnamed partial artifacts that hold training checkpoints")
     p.set_defaults(func=cmd_gc)
 
 

@@ -1,9 +1,9 @@
 """One Parquet shard, written whole or not at all, with deterministic bytes.
 
 A shard ``<name>.parquet`` is written as ``<name>.parquet.tmp-<pid>`` and renamed into place
-when closed, so any ``*.parquet`` in an artifact folder is complete. Its record (rows, bytes,
-sha256, kind, info) is saved under ``_progress/`` *before* the rename: a resumed writer reads
-it instead of re-hashing the shard.
+when closed, so any ``*.parquet`` in an artifact folder was written whole. Its record (rows,
+bytes, sha256, kind, info) is journaled under ``_progress/`` *before* the rename: a resumed
+writer adopts a shard only when that record exists and the bytes on disk still hash to it.
 
 Determinism: the same rows written with the same options give the same bytes. Row groups are
 cut by the caller (a fixed row count, or :class:`~storage.teacher_cache.TeacherCacheWriter`'s
@@ -15,6 +15,12 @@ byte budget, both functions of the data only), Parquet files carry no timestamps
 - ``use_dictionary=False``: dictionaries are decided per page by size thresholds that make
   the layout harder to reason about and buy little for these columns.
 - ``write_statistics=False``: min/max of multi-megabyte blobs is wasted footer space.
+- ``write_page_checksum=True``: a CRC32 per page (4 bytes), checked as pages are decoded
+  (:meth:`storage.fs.LocalFS.parquet_file`), so readers that memory-map a shard for random
+  row access, and cannot hash it whole, still refuse a damaged page.
+
+Failures at the OS level (disk full, read-only store, I/O error) remove the temporary file
+and raise :class:`~storage.errors.StoreWriteError` naming the shard, the cause and the fix.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import StoreError
+from storage.errors import StoreError, describe_os_error
 from storage.fs import LocalFS, tmp_name
 
 PARQUET_DEFAULTS: dict[str, Any] = {
@@ -36,6 +42,7 @@ PARQUET_DEFAULTS: dict[str, Any] = {
     "write_statistics": False,
     "version": "2.6",
     "data_page_version": "1.0",
+    "write_page_checksum": True,
 }
 DEFAULT_ROW_GROUP_ROWS = 8192
 PROGRESS_DIR = "_progress"
@@ -148,20 +155,34 @@ class ShardWriter:
         if str(opts.get("compression")).lower() in ("none", "uncompressed") \
                 and "compression_level" not in (options or {}):
             opts.pop("compression_level", None)
-        if fs.is_local:
-            self._file = None
-            self._writer = pq.ParquetWriter(self.tmp_path, schema, **opts)
-        else:
-            self._file = fs.open(self.tmp_path, "wb")
-            self._writer = pq.ParquetWriter(self._file, schema, **opts)
+        self._file = None
         self.closed = False
+        try:
+            if fs.is_local:
+                self._writer = pq.ParquetWriter(self.tmp_path, schema, **opts)
+            else:
+                self._file = fs.open(self.tmp_path, "wb")
+                self._writer = pq.ParquetWriter(self._file, schema, **opts)
+        except OSError as e:
+            self.closed = True
+            raise self._failed(e) from e
+
+    def _failed(self, e: OSError) -> StoreError:
+        """Remove the temporary file; the error to raise for ``e``."""
+        self.abort()
+        return describe_os_error(e, f"shard {self.name!r}", self.fs.url(self.tmp_path),
+                                 after="its temporary file is removed; the shards finished "
+                                       "before it are kept, and a rerun resumes from them")
 
     def write(self, data: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch],
               row_group_size: int | None = DEFAULT_ROW_GROUP_ROWS) -> None:
         table = as_table(data, self.schema)
         if table.num_rows == 0:
             return
-        self._writer.write_table(table, row_group_size=row_group_size or table.num_rows)
+        try:
+            self._writer.write_table(table, row_group_size=row_group_size or table.num_rows)
+        except OSError as e:
+            raise self._failed(e) from e
         self.rows += table.num_rows
 
     def _close_file(self) -> None:
@@ -172,14 +193,19 @@ class ShardWriter:
                 self._file.close()
 
     def commit(self) -> ShardRecord:
-        """Close, hash, record progress, rename into place; returns the shard's record."""
-        self._close_file()
-        record = ShardRecord(name=self.name, kind=self.kind, rows=self.rows,
-                             bytes=self.fs.size(self.tmp_path), sha256=self.fs.sha256(self.tmp_path),
-                             info=dict(self.info))
-        self.fs.makedirs(self.progress_dir)
-        self.fs.write_atomic(self.progress_path, json.dumps(record.to_dict()).encode("utf-8"))
-        self.fs.replace(self.tmp_path, self.final_path)
+        """Close, hash, journal the record under ``_progress/``, rename into place; returns
+        the shard's record. The journal entry is what a resumed writer trusts: a shard on
+        disk without one, or whose bytes no longer hash to it, is not adopted."""
+        try:
+            self._close_file()
+            record = ShardRecord(name=self.name, kind=self.kind, rows=self.rows,
+                                 bytes=self.fs.size(self.tmp_path),
+                                 sha256=self.fs.sha256(self.tmp_path), info=dict(self.info))
+            self.fs.makedirs(self.progress_dir)
+            self.fs.write_atomic(self.progress_path, json.dumps(record.to_dict()).encode("utf-8"))
+            self.fs.replace(self.tmp_path, self.final_path)
+        except OSError as e:
+            raise self._failed(e) from e
         if self._on_commit is not None:
             self._on_commit(record)
         return record
@@ -189,7 +215,10 @@ class ShardWriter:
             self._close_file()
         except Exception:  # noqa: BLE001 - the writer may be in any state after an error
             pass
-        self.fs.remove(self.tmp_path)
+        try:
+            self.fs.remove(self.tmp_path)
+        except OSError:
+            pass
 
     def __enter__(self) -> "ShardWriter":
         return self

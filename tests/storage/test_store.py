@@ -146,13 +146,13 @@ def test_stale_lock_of_a_dead_process_is_taken_over(store):
     assert art is not None and not (path / ".lock").exists()
 
 
-def test_lock_of_another_host_is_not_taken_over(store):
+def test_fresh_lock_of_another_host_is_waited_for(store):
     fp = fingerprint("generate", PARAMS, {}, 1)
     path = store.path("generate", fp)
     path.mkdir(parents=True)
     (path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": time.time(),
                                             "token": "x"}))
-    with pytest.raises(ArtifactLockedError, match="host elsewhere"):
+    with pytest.raises(ArtifactLockedError, match="elsewhere pid 1 .last heartbeat 0 s ago"):
         with store.writer("generate", fp, params=PARAMS, lock_timeout=0.2):
             pass
 
@@ -282,7 +282,8 @@ def test_runs_list_garbage_remove(store):
     store.record_run("demo", {"generate": a.fingerprint, "tokenize": c.fingerprint})
     store.record_run("paper/qwen", {"generate": b.fingerprint, "distill:sft": "zzz"})
     store.record_run("demo", {"generate": a.fingerprint})      # latest run of demo wins
-    assert (store.fs.exists(os.path.join(store.root_path, "_runs", "paper_qwen.json")))
+    records = sorted(os.listdir(os.path.join(store.root_path, "_runs")))
+    assert len(records) == 2 and records[1].startswith("paper_qwen-run-")
     entries = {(e.stage, e.fingerprint): e for e in store.list_artifacts()}
     assert len(entries) == 4
     ea = entries[("generate", a.fingerprint)]
@@ -360,3 +361,34 @@ def test_schema_per_kind_and_mismatch(store):
     assert set(art.manifest["schemas"]) == {"student", "teacher"}
     assert [s.name for s in art.shards_of("teacher")] == ["extra", "teacher-00000"]
     assert art.schema("student").names == ["x"]
+
+
+def test_run_records_are_written_at_start_and_finished(store, tmp_path):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("name: demo\n")
+    with store.begin_run(cfg, "demo", {"generate": "g1"}) as run:
+        (rec,) = store.runs().values()
+        assert rec["status"] == "running" and rec["live"] and rec["config_path"] == str(cfg)
+        assert rec["artifacts"] == {"generate": "g1"} and rec["pid"] == os.getpid()
+        run.set_artifacts({"generate": "g1", "tokenize": "t1"})
+    (rec,) = store.runs().values()
+    assert rec["status"] == "ok" and not rec["live"] and rec["finished"] >= rec["started"]
+    assert rec["artifacts"] == {"generate": "g1", "tokenize": "t1"}
+    with pytest.raises(ValueError):
+        with store.begin_run(cfg, "demo", {"generate": "g2"}):
+            raise ValueError("stage failed")
+    (rec,) = store.runs().values()                   # same config, same key: replaced
+    assert rec["status"] == "failed" and rec["artifacts"] == {"generate": "g2"}
+
+
+def test_quick_check_report_and_actions(store):
+    art = write_parts(store)
+    report = store.check("generate", art.fingerprint)
+    assert report.ok and report.action == "reuse" and report.artifact.digest == art.digest
+    assert report.summary().startswith("checked: 3 shards, 1 side files, 0 upstream digests; "
+                                       "sizes, rows, digest;")
+    assert store.check("generate", "0" * 16).action == "compute"
+    os.remove(art.path / "side" / "meta.json")
+    report = store.check("generate", art.fingerprint)
+    assert report.action == "repair" and report.bad_files == ["side/meta.json"]
+    assert "file side/meta.json: missing" in report.summary()
