@@ -87,7 +87,9 @@ def _cmd_plan(args) -> int:
     cfg = load_config(args.config or _default_config(), args.set)
     store = ArtifactStore(cfg.store)
     for key, fp in plan(cfg).items():
-        state = "complete" if store.get(key.stage, fp) is not None else "missing"
+        report = store.check(key.stage, fp)
+        state = ("complete" if report.ok else "missing" if report.status == "absent"
+                 else f"{report.status}: will {report.action}")
         print(f"{str(key):<32}{fp}  {state}")
     return 0
 

@@ -10,10 +10,12 @@ decide what is reused and what is recomputed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cot2align_core.config import PipelineConfig, load_config
+from cot2align_core.config import ConfigError, PipelineConfig, load_config
 from tasks.common import StageRef, logger, preflight, upstream_refs
 from tasks.registry import STAGES, StageKey, StageSpec, instances, plan, spec, upstream_keys
 from tasks.stage import open_store
@@ -49,6 +51,25 @@ def _summary_markdown(cfg: PipelineConfig, refs: dict[str, StageRef]) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def recorded_run(store, config_path: str, cfg: PipelineConfig, fps: dict[StageKey, str],
+                 scope: str, overrides: list[str] | None):
+    """A run record in the store from the start to the end of a run: ``gc`` keeps every
+    artifact a record names, and a live run's heartbeat keeps even unfinished ones. A
+    read-only store (a finished store reused as it is) gets no record."""
+    from storage.errors import StoreError
+
+    try:
+        record = store.begin_run(config_path, cfg.name, {str(k): fp for k, fp in fps.items()},
+                                 scope=scope, overrides=overrides or [])
+    except StoreError as err:
+        logger().warning("run not recorded in the store (%s)", err)
+        yield None
+        return
+    with record:
+        yield record
+
+
 @flow(name="cot2align-pipeline", log_prints=True)
 def pipeline_flow(config_path: str, overrides: list[str] | None = None,
                   force: list[str] | None = None) -> dict[str, dict]:
@@ -59,13 +80,13 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
     fps = plan(cfg)
     forced = set(force or [])
     refs: dict[str, StageRef] = {}
-    for stage in STAGES:
-        keys = instances(cfg, stage)
-        if not keys:
-            continue
-        ups = {k: {u: refs[u] for u in map(str, upstream_keys(cfg, k))} for k in keys}
-        refs.update(_run_instances(cfg, stage, keys, fps, ups, forced))
-    store.record_run(cfg.name, {k: r.fingerprint for k, r in refs.items()})
+    with recorded_run(store, config_path, cfg, fps, "run", overrides):
+        for stage in STAGES:
+            keys = instances(cfg, stage)
+            if not keys:
+                continue
+            ups = {k: {u: refs[u] for u in map(str, upstream_keys(cfg, k))} for k in keys}
+            refs.update(_run_instances(cfg, stage, keys, fps, ups, forced))
     create_markdown_artifact(_summary_markdown(cfg, refs), key="cot2align-run-summary",
                              description=f"cot2align pipeline run of {cfg.name}")
     return {k: r.to_dict() for k, r in refs.items()}
@@ -76,7 +97,6 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
     """Run one stage (every instance of it, or the one named by ``only``) against the existing
     upstream artifacts of the config."""
     cfg = load_config(config_path, overrides)
-    preflight(cfg)
     store = open_store(cfg)
     fps = plan(cfg)
     keys = instances(cfg, spec(stage))
@@ -84,10 +104,13 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
         keys = [k for k in keys if str(k) == only or k.label == only]
         if not keys:
             known = [str(k) for k in instances(cfg, spec(stage))]
-            raise ValueError(f"{only!r} is not an instance of stage {stage} in this config: "
-                             f"{known}")
+            raise ConfigError(f"{only!r} is not an instance of stage {stage} in this config: "
+                              f"{known}")
+    preflight(cfg, keys)
     ups = {k: upstream_refs(store, cfg, k, fps) for k in keys}
-    refs = _run_instances(cfg, spec(stage), keys, fps, ups, {stage} if force else set())
+    needed = {k: fps[k] for k in keys} | {u: fps[u] for k in keys for u in upstream_keys(cfg, k)}
+    with recorded_run(store, config_path, cfg, needed, f"stage:{stage}", overrides):
+        refs = _run_instances(cfg, spec(stage), keys, fps, ups, {stage} if force else set())
     for key, ref in refs.items():
         logger().info("stage %s: %s", key, ref.path)
     return {k: r.to_dict() for k, r in refs.items()}

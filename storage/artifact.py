@@ -34,7 +34,7 @@ from storage.fs import LocalFS, filesystem_for, is_tmp_name
 from storage.locks import LOCK_NAME, TAKEOVER_NAME, ArtifactLock
 from storage.manifest import (INVALID_MANIFEST, MANIFEST, content_digest, is_complete,
                               load_manifest)
-from storage.shards import PROGRESS_DIR, FileRecord, ShardRecord
+from storage.shards import CHECKPOINTS_DIR, PROGRESS_DIR, FileRecord, ShardRecord
 from storage.verify import CheckReport, check_artifact
 
 
@@ -43,8 +43,9 @@ def native_path(fs: LocalFS, path: str) -> Path | str:
 
 
 def tidy_complete(fs: LocalFS, artifact_dir: str, lock_held: bool = False) -> None:
-    """Remove what a writer killed at its commit left in a complete artifact: the journal, an
-    old invalid manifest, temporary files, a stale lock. Skipped while another live writer
+    """Remove what a complete artifact no longer needs: the journal, an old invalid manifest,
+    temporary files, training checkpoints (kept until the commit, so that a kill before it
+    loses no training), and a stale lock left by a writer killed at its commit. Skipped while another live writer
     holds the lock (``lock_held``: the caller holds it); any OS error (a read-only store) is
     ignored."""
     lock = ArtifactLock(fs, artifact_dir, f"artifact {fs.url(artifact_dir)}")
@@ -56,7 +57,8 @@ def tidy_complete(fs: LocalFS, artifact_dir: str, lock_held: bool = False) -> No
                 return
             lock._take_over(info)
         for name in names:
-            if name in (PROGRESS_DIR, INVALID_MANIFEST, TAKEOVER_NAME) or is_tmp_name(name):
+            if (name in (PROGRESS_DIR, CHECKPOINTS_DIR, INVALID_MANIFEST, TAKEOVER_NAME)
+                    or is_tmp_name(name)):
                 full = fs.join(artifact_dir, name)
                 fs.rmtree(full) if fs.isdir(full) else fs.remove(full)
     except OSError:

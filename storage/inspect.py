@@ -39,7 +39,8 @@ import pyarrow as pa
 
 from storage.errors import ManifestError, StoreError
 from storage.fs import LocalFS, filesystem_for, is_tmp_name
-from storage.manifest import INVALID_MANIFEST, is_complete, load_manifest, read_manifest
+from storage.manifest import (INVALID_MANIFEST, is_complete, load_manifest, read_manifest,
+                              stage_of)
 from storage.runs import RUNS_DIR
 from storage.schemas import ListColumn, detect_kind
 from storage.shards import kind_of
@@ -425,7 +426,7 @@ def rerun_command(store: ArtifactStore, stage: str, fp: str) -> str:
     """``cot2align stage STAGE CONFIG [--set ...]`` with the config of a run record that
     names the artifact, else with a CONFIG placeholder."""
     for rec in store.runs().values():
-        if rec.get("config_path") and any(k.split(":")[0] == stage and v == fp
+        if rec.get("config_path") and any(stage_of(k) == stage and v == fp
                                           for k, v in rec["artifacts"].items()):
             sets = "".join(f" --set {o}" for o in rec.get("overrides") or [])
             return f"cot2align stage {stage} {rec['config_path']}{sets}"

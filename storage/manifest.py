@@ -145,3 +145,10 @@ def utc_iso(ts: float) -> str:
 
 def parse_iso(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
+
+
+def stage_of(key: str) -> str:
+    """The stage (the store folder) of a stage-instance key: ``tokenize`` -> ``tokenize``,
+    ``distill[sft,seed=0]`` -> ``distill``. Keys are made by the stage registry
+    (``tasks.registry.StageKey``); this is all the store needs to know of them."""
+    return key.split("[", 1)[0]

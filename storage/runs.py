@@ -7,7 +7,7 @@ files with the same ``name:``, a ``--set`` variant and a single-stage run each k
 record; the next run with the same key replaces it. A record holds::
 
     config_name, config_path, scope, overrides, key
-    artifacts     {stage or stage:variant: fingerprint} the run plans to use (all of them,
+    artifacts     {stage instance key, e.g. distill[sft,seed=0]: fingerprint} the run plans to use (all of them,
                   from its start: gc keeps them while upstream stages are reused)
     status        "running" | "ok" | "failed"
     started, heartbeat, finished     unix times

@@ -46,6 +46,8 @@ PARQUET_DEFAULTS: dict[str, Any] = {
 }
 DEFAULT_ROW_GROUP_ROWS = 8192
 PROGRESS_DIR = "_progress"
+#: Training checkpoints a stage keeps inside its artifact until the artifact has committed.
+CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
 

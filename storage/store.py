@@ -47,9 +47,10 @@ from storage.errors import READ_ONLY_FIX, ManifestError, StoreError
 from storage.fingerprint import ContentCache, content_digest, fingerprint
 from storage.fs import filesystem_for
 from storage.locks import HEARTBEAT_EVERY_S, LOCK_NAME, LOG_EVERY_S, STALE_AFTER_S, ArtifactLock
-from storage.manifest import INVALID_MANIFEST, MANIFEST, is_complete, load_manifest, parse_iso
+from storage.manifest import (INVALID_MANIFEST, MANIFEST, is_complete, load_manifest, parse_iso,
+                              stage_of)
 from storage.runs import RunRecord, begin_run, read_runs
-from storage.shards import FileRecord, ShardRecord
+from storage.shards import CHECKPOINTS_DIR, FileRecord, ShardRecord
 from storage.verify import CheckReport, VerifyReport, check_artifact, upstream_digest, verify
 from storage.writer import ArtifactWriter, invalidate_in, set_aside
 
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 CACHE_DIR = "_cache"
-CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_ROOT = "./artifacts"
 _STAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 log = logging.getLogger("cot2align")
@@ -171,7 +171,7 @@ class ArtifactStore:
                replace: bool = False) -> ArtifactWriter:
         """An :class:`ArtifactWriter` for ``<stage>/<fp>``; use it as a context manager.
 
-        ``upstream`` maps each upstream key (``stage`` or ``stage:variant``) to its
+        ``upstream`` maps each upstream key (``stage`` or ``stage[variant]``) to its
         fingerprint; the writer records those artifacts' manifest digests itself when it
         opens. ``invalidate`` names shards/side files to drop first (a damaged artifact:
         ``report.bad_shards + report.bad_files``). ``replace=True`` (``--force``) builds a
@@ -222,7 +222,7 @@ class ArtifactStore:
             except ManifestError:
                 continue
             if is_complete(manifest) and any(
-                    k.split(":")[0] == stage and v == fp
+                    stage_of(k) == stage and v == fp
                     for k, v in manifest.get("upstream", {}).items()):
                 out.append(entry[:2])
         return out
@@ -340,7 +340,7 @@ class ArtifactStore:
         for rec in self.runs().values():
             scope = "" if rec["scope"] == "run" else f" ({rec['scope']})"
             for key, fp in rec["artifacts"].items():
-                refs.setdefault((key.split(":")[0], fp), []).append(rec["config_name"] + scope)
+                refs.setdefault((stage_of(key), fp), []).append(rec["config_name"] + scope)
         now = time.time()
         entries = [self._entry(stage, fp, path, refs, now)
                    for stage, fp, path in self._artifact_dirs()]

@@ -34,7 +34,7 @@ from storage.errors import ManifestError
 from storage.fs import LocalFS, filesystem_for, is_tmp_name
 from storage.locks import LOCK_NAME, ArtifactLock
 from storage.manifest import (INVALID_MANIFEST, MANIFEST, content_digest, is_complete,
-                              load_manifest)
+                              load_manifest, stage_of)
 
 ROOT_MARKERS = (MANIFEST, INVALID_MANIFEST, LOCK_NAME, "_progress")
 
@@ -159,9 +159,9 @@ def store_root_of(artifact_dir: str) -> str:
 
 def upstream_digest(fs: LocalFS, root: str, key: str, fp: str) -> tuple[str | None, str]:
     """The content digest of the complete upstream artifact ``key`` (``stage`` or
-    ``stage:variant``) with fingerprint ``fp``, or None and why not ("absent", "broken: ...",
+    ``stage[variant]``) with fingerprint ``fp``, or None and why not ("absent", "broken: ...",
     "not complete")."""
-    path = fs.join(root, key.split(":")[0], fp)
+    path = fs.join(root, stage_of(key), fp)
     try:
         manifest = load_manifest(fs, path)
     except ManifestError as e:

@@ -129,18 +129,19 @@ def load_side_tokenizer(cfg: PipelineConfig, side: str, upstream: dict[str, Stag
     return tok
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Checks that fail in seconds what would otherwise fail deep inside a stage."""
+def preflight(cfg: PipelineConfig, keys: list[StageKey] | None = None) -> None:
+    """Checks that fail in seconds what would otherwise fail deep inside a stage: data files,
+    local model folders, and a store that can hold what the run will write (a store whose
+    artifacts are all sound is reused read-only: nothing is written, nothing is asked)."""
     import os
 
     from cot2align_core.data import DataError
 
-    for key in ("train_path", "eval_path"):
+    for key in ("train_path", "dev_path", "eval_path"):
         path = getattr(cfg.data, key)
         if cfg.data.source == "jsonl" and path and not os.path.isfile(os.path.expandvars(path)):
             raise DataError(f"data.{key}: file not found: {path} (run from the directory the "
                             "path is relative to, or give an absolute path)")
-    ArtifactStore(cfg.store).check_writable()
     for side, model in (("teacher", cfg.teacher), ("student", cfg.student)):
         ref = model.pretrained
         if ref is None:
@@ -150,6 +151,11 @@ def preflight(cfg: PipelineConfig) -> None:
             raise StageError(
                 f"{side}.pretrained: {ref!r} does not exist. Give a folder written by "
                 "save_pretrained, or a hub id (org/name) cached on this machine.")
+    store = ArtifactStore(cfg.store)
+    fps = plan(cfg)
+    keys = list(fps) if keys is None else keys
+    if not all(store.check(k.stage, fps[k]).ok for k in keys):
+        store.check_writable()
 
 
 def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, StageRef],

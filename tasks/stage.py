@@ -1,9 +1,19 @@
-"""The life cycle every stage task shares: reuse a complete artifact, else write one.
+"""The life cycle every stage task shares: reuse a checked artifact, else write one.
 
-``run_stage`` looks the artifact up by fingerprint; when it is complete (and not forced) the
-stage is skipped. Otherwise it takes the artifact's lock, lets ``body`` fill the writer (shards
-already finished by an interrupted run are kept: ``body`` asks ``writer.done_shards()``), and
-the manifest is committed last. A markdown summary is published as a Prefect artifact.
+``run_stage`` checks the artifact of the fingerprint before anything else, every time (sizes,
+Parquet footers, row counts, the manifest's own digest, the upstream artifacts it was built
+from: milliseconds, :meth:`storage.store.ArtifactStore.check`):
+
+- sound and not forced: reused, and the log says what was checked;
+- damaged shards: exactly those are recomputed (the others are kept), said in the log;
+- stale or untrustworthy (an upstream changed, a hand-edited manifest) or ``--force``: the
+  artifact is recomputed *beside* the old one and swapped in only when it commits, so a forced
+  rerun that fails loses nothing;
+- partial (a killed run): resumed, keeping the shards its journal vouches for.
+
+``body`` fills the writer under the artifact's lock; the manifest is committed last. Training
+checkpoints stay inside the artifact until after that commit, so a kill at any moment loses no
+training. A markdown summary is published as a Prefect artifact.
 """
 from __future__ import annotations
 
@@ -16,11 +26,31 @@ from storage.store import ArtifactStore
 from tasks.common import StageRef, logger
 from tasks.registry import StageKey, spec, stage_params
 
-
 def open_store(cfg: PipelineConfig) -> ArtifactStore:
-    store = ArtifactStore(cfg.store)
-    store.check_writable()
-    return store
+    """The config's store; reading and reusing need no write access (writers check it)."""
+    return ArtifactStore(cfg.store)
+
+
+def _reused(label: str, fp: str, art, how: str) -> StageRef:
+    logger().info("%s: reused artifact %s (%s)", label, art.path, how)
+    return StageRef(label, fp, str(art.path), reused=True,
+                    summary=art.manifest.get("info", {}).get("summary", {}))
+
+
+def _announce(label: str, report, force: bool) -> None:
+    log = logger()
+    if force and report.status == "complete":
+        log.info("%s: --force: recomputing beside %s, swapped in when it commits", label,
+                 report.path)
+    elif report.action == "repair":
+        log.warning("%s: %s is damaged (%s); recomputing only %s", label, report.path,
+                    "; ".join(str(p) for p in report.problems),
+                    ", ".join(report.bad_shards + report.bad_files))
+    elif report.action == "recompute":
+        log.warning("%s: %s cannot be reused (%s); recomputing it", label, report.path,
+                    "; ".join(str(p) for p in report.problems))
+    elif report.action == "resume":
+        log.info("%s: resuming the unfinished artifact %s", label, report.path)
 
 
 def run_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
@@ -31,28 +61,24 @@ def run_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, S
 
         torch.set_num_threads(cfg.threads)
     store = open_store(cfg)
-    log = logger()
-    art = store.get(stage, fp)
-    if art is not None and not force:
-        log.info("%s: reusing %s", label, art.path)
-        return StageRef(label, fp, str(art.path), reused=True,
-                        summary=art.manifest.get("info", {}).get("summary", {}))
-    if art is not None:
-        log.info("%s: --force, recomputing %s", label, art.path)
-        store.discard(stage, fp)
+    report = store.check(stage, fp)
+    if report.ok and not force:
+        return _reused(label, fp, report.artifact, report.summary())
+    _announce(label, report, force)
     t0 = time.time()
     with store.writer(stage, fp, params=stage_params(cfg, key),
                       upstream={k: r.fingerprint for k, r in upstream.items()},
-                      version=spec(stage).version) as writer:
+                      version=spec(stage).version, lock_timeout=None,
+                      invalidate=(report.bad_shards + report.bad_files
+                                  if report.action == "repair" and not force else ()),
+                      replace=force or report.action == "recompute") as writer:
         if writer.complete:  # another run finished it while this one waited for the lock
-            log.info("%s: finished meanwhile by another run, reusing %s", label, writer.artifact.path)
-            return StageRef(label, fp, str(writer.artifact.path), reused=True,
-                            summary=writer.artifact.info.get("summary", {}))
+            return _reused(label, fp, writer.artifact, "finished meanwhile by another run")
         summary = body(writer) or {}
         writer.info["summary"] = summary
-    art = store.get(stage, fp)
+    art = store.get(stage, fp)  # the commit also removed the checkpoints, only then
     seconds = time.time() - t0
-    log.info("%s: wrote %s in %.1f s", label, art.path, seconds)
+    logger().info("%s: wrote %s in %.1f s", label, art.path, seconds)
     _publish(label, art, summary, seconds)
     return StageRef(label, fp, str(art.path), reused=False, seconds=seconds, summary=summary)
 

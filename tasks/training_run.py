@@ -77,9 +77,10 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     import math
 
     from storage.checkpoints import CheckpointDir
+    from storage.shards import CHECKPOINTS_DIR
     from tasks.stage import Progress
 
-    checkpointer = CheckpointDir(w.file_path("checkpoints"), keep_last=t.keep_last)
+    checkpointer = CheckpointDir(w.file_path(CHECKPOINTS_DIR), keep_last=t.keep_last)
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
     with Progress(total, f"{label}: training steps") as bar:
@@ -102,5 +103,6 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     tokenizer.save_pretrained(out)
     w.add_file("model")
     w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
-    checkpointer.remove_all()
+    # The checkpoints stay until the artifact commits (the store removes them then): a kill
+    # from here to the commit resumes at the last step instead of training again.
     return result
