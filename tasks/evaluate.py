@@ -54,13 +54,13 @@ def answer_of(generation: str, form: str) -> str:
 
 def generate_for_model(cfg: PipelineConfig, name: str, model_dir: str, rows: list[dict]) -> list[dict]:
     from cot2align_core.demo_task import extract_answer
-    from cot2align_core.generation import SamplingConfig, derive_seed, make_backend
+    from cot2align_core.generation import HFOptions, SamplingConfig, VLLMOptions, derive_seed, make_backend
 
     e = cfg.evaluate
     dtype = cfg.teacher.dtype if name == "teacher" else cfg.student.dtype
     out = []
-    with make_backend(e.backend, model_dir, dtype=dtype,
-                      hf_options=dict(device=resolve_device("auto"), batch_size=64)) as backend:
+    with make_backend(e.backend, model_dir, vllm=VLLMOptions(dtype=dtype),
+                      hf=HFOptions(device=resolve_device("auto"), dtype=dtype, batch_size=64)) as backend:
         for form in e.forms:
             prompt_of = cot_prompt if form == "cot" else standard_prompt
             prompts = [prompt_of(r) for r in rows]

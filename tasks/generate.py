@@ -80,17 +80,16 @@ def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], bac
 
 
 def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None):
-    from cot2align_core.generation import make_backend
+    from cot2align_core.generation import HFOptions, VLLMOptions, make_backend
 
     g = cfg.generate
     device = resolve_device("auto")
     return make_backend(
         kind, model_dir,
-        vllm_options=dict(tensor_parallel_size=g.tensor_parallel_size,
-                          gpu_memory_utilization=g.gpu_memory_utilization,
-                          dtype=cfg.teacher.dtype),
-        hf_options=dict(device=device, dtype=cfg.teacher.dtype),
-        max_model_len=g.max_model_len,
+        vllm=VLLMOptions(tensor_parallel_size=g.tensor_parallel_size,
+                         gpu_memory_utilization=g.gpu_memory_utilization,
+                         dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
+        hf=HFOptions(device=device, dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
     )
 
 

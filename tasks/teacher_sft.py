@@ -26,11 +26,11 @@ from tasks.training_run import build_model_for, seeded, train_and_save
 
 def greedy_exact_match(model, tok, rows: list[dict], form: str, max_tokens: int) -> float:
     from cot2align_core.demo_task import extract_answer, is_correct
-    from cot2align_core.generation import HFBackend, SamplingConfig
+    from cot2align_core.generation import HFBackend, HFOptions, SamplingConfig
     from cot2align_core.prompts import cot_prompt, standard_prompt
 
     prompt_of = cot_prompt if form == "cot" else standard_prompt
-    backend = HFBackend(model, tok, batch_size=64)
+    backend = HFBackend(model, tok, HFOptions(batch_size=64))
     outs = backend.generate([prompt_of(r) for r in rows],
                             SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens))
     hits = [is_correct(extract_answer(o[0].text), r["output"]) for o, r in zip(outs, rows)]
@@ -48,9 +48,10 @@ def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef
         t = cfg.teacher_sft.training
         device = resolve_device(t.device)
         forms = ("standard", "cot") if cfg.teacher_sft.use_gold_rationales else ("standard",)
-        examples = build_sft_examples(read_rows(prep, "train"), tok, forms,
-                                      max_length=t.max_length,
-                                      max_prompt_length=cfg.tokenize.max_prompt_length)
+        examples, fit = build_sft_examples(read_rows(prep, "train"), {"teacher": tok}, "teacher", forms,
+                                           max_length=t.max_length,
+                                           max_prompt_length=cfg.tokenize.max_prompt_length)
+        logger().info(fit.log_line("teacher_sft"))
         if not examples:
             raise StageError("teacher_sft: no training example fits teacher_sft.training."
                              "max_length / tokenize.max_prompt_length; raise them")
@@ -60,7 +61,7 @@ def teacher_sft_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef
         result = train_and_save(w, model, tok, sft_loss, examples,
                                 lambda rows: collate_sft(rows, pad), t=t, seed=cfg.seed,
                                 label="teacher_sft", lora=bool(cfg.teacher.lora_rank))
-        summary = {"examples": len(examples), "steps": result.steps_done,
+        summary = {"examples": len(examples), "fit": fit.as_dict(), "steps": result.steps_done,
                    "final_loss": round(result.final_loss or float("nan"), 4)}
         eval_rows = read_rows(prep, "eval")[:200]
         if cfg.data.checkable_answers and eval_rows:

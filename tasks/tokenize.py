@@ -12,8 +12,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig
-from cot2align_core.prompts import format_row
-from cot2align_core.tokenization import TokenizedExample, response_ids, tokenize_pair
+from cot2align_core.fitting import FitStats, FittedExample, fit_example
+from cot2align_core.tokenization import TokenizedExample, response_ids
 from storage.schemas import tokenized_table
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, tokenizer_path
@@ -55,13 +55,12 @@ def as_row(ex: TokenizedExample) -> dict:
 @task(name="tokenize-shard", retries=1, cache_policy=NONE)
 def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: bool) -> dict:
     t = cfg.tokenize
-    encoded = {}
-    for side, tok in toks.items():
-        encoded[side] = [
-            tokenize_pair(tok, row["id"], form, *format_row(row, form, rationale),
-                          max_length=t.max_length, max_prompt_length=t.max_prompt_length)
-            for row, form, rationale in items
-        ]
+    stats = FitStats()
+    fitted = [stats.add(fit_example(row, form, rationale, toks, max_length=t.max_length,
+                                    max_prompt_length=t.max_prompt_length))
+              for row, form, rationale in items]
+    kept = [f for f in fitted if isinstance(f, FittedExample)]
+    encoded = {side: [f.sides[side] for f in kept] for side in toks}
     teacher_rows = [as_row(e) for e in encoded["teacher"]]
     student_rows = [as_row(e) for e in encoded["student"]]
     if mined:
@@ -75,8 +74,8 @@ def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: 
             srow["mined_alignment"] = alignment_tensor(pairs, len(s_strs)).tolist()
     for side, rows in (("teacher", teacher_rows), ("student", student_rows)):
         writer.write_shard(f"{side}-{index:05d}", tokenized_table(rows, side), kind=side)
-    truncated = sum(e.truncated for e in encoded["student"]) + sum(e.truncated for e in encoded["teacher"])
-    return {"rows": len(items), "truncated": truncated}
+    return {"rows": len(items), "truncated": stats.input_truncated + stats.response_truncated,
+            "fit": stats.as_dict()}
 
 
 @task(name="tokenize", cache_policy=NONE)
