@@ -8,8 +8,16 @@ model directory.
 
 Every tokenizer made here has the same special tokens at the same ids
 (`<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3) and a post-processor that puts `<s>` in front of
-every encoded text (`add_special_tokens=True`, which is also what vLLM does with a prompt).
-`</s>` is never added by the tokenizer: SFT examples append it to the response themselves.
+every encoded text (`add_special_tokens=True`; generation backends put it in front of a prompt
+the same way). `</s>` is never added by the tokenizer: SFT examples append it to the response
+themselves. The end of every prompt template ends a pre-token, so no token spans a prompt and
+its response (see `cot2align_core.tokenization`).
+
+Loading (`load_model`, `load_tokenizer`): a path that exists locally is read from disk and never
+sent to the hub; a hub id is read from the local cache (downloaded only when `HF_HUB_OFFLINE` is
+unset); anything else is a `ModelFilesError` (a FileNotFoundError) that says which it was not.
+Weights load from safetensors only and no remote code runs: a folder with only a pickle
+`pytorch_model.bin` is refused, since loading it would run code stored in the file.
 """
 from __future__ import annotations
 
