@@ -172,6 +172,8 @@ class GenerateConfig(_Section):
     # Keep only rationales whose final answer matches gold (needs checkable answers).
     filter_correct: bool = False
     shard_size: int = Field(256, ge=1)
+    # A shard's generation that takes longer is stopped (the engine killed) and retried.
+    shard_timeout_s: float = Field(1800.0, gt=0)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_model_len: int | None = None
@@ -179,7 +181,12 @@ class GenerateConfig(_Section):
 
 class TokenizeConfig(_Section):
     max_length: int = Field(512, ge=8)
+    # A prompt longer than this (for either tokenizer) has its row's input cut, from its end
+    # or its middle, never the instruction or the template; teacher and student keep the same
+    # text. Every stage that renders prompts (teacher_sft, generate, tokenize, evaluate) fits
+    # them this way.
     max_prompt_length: int = Field(256, ge=1)
+    truncate_input: Literal["end", "middle"] = "end"
     shard_size: int = Field(1024, ge=1)
     # Precompute MinED token alignments (student position -> teacher position) for the KD base.
     mined_alignment: bool = False

@@ -106,9 +106,9 @@ def greedy_score(model, tokenizer, rows: Sequence[Mapping], forms: Sequence[str]
     """Mean greedy ``metric`` of a model in memory, per form and overall (``score``).
 
     What checkpoint selection on the dev split and the teacher's SFT check call."""
-    from cot2align_core.generation import HFBackend
+    from cot2align_core.generation import HFBackend, HFOptions
 
-    backend = HFBackend(model, tokenizer, batch_size=batch_size)
+    backend = HFBackend(model, tokenizer, HFOptions(batch_size=batch_size))
     rows_out = generate_answers(backend, rows, forms=forms, passes=[Decoding("greedy", 0)],
                                 max_tokens=max_tokens, checker=checker)
     per_form = {f: float(np.mean([r[metric] for r in rows_out if r["form"] == f])) for f in forms}

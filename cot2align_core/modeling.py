@@ -8,8 +8,16 @@ model directory.
 
 Every tokenizer made here has the same special tokens at the same ids
 (`<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3) and a post-processor that puts `<s>` in front of
-every encoded text (`add_special_tokens=True`, which is also what vLLM does with a prompt).
-`</s>` is never added by the tokenizer: SFT examples append it to the response themselves.
+every encoded text (`add_special_tokens=True`; generation backends put it in front of a prompt
+the same way). `</s>` is never added by the tokenizer: SFT examples append it to the response
+themselves. The end of every prompt template ends a pre-token, so no token spans a prompt and
+its response (see `cot2align_core.tokenization`).
+
+Loading (`load_model`, `load_tokenizer`): a path that exists locally is read from disk and never
+sent to the hub; a hub id is read from the local cache (downloaded only when `HF_HUB_OFFLINE` is
+unset); anything else is a `ModelFilesError` (a FileNotFoundError) that says which it was not.
+Weights load from safetensors only and no remote code runs: a folder with only a pickle
+`pytorch_model.bin` is refused, since loading it would run code stored in the file.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from cot2align_core.prompts import PROMPT_END_REGEX
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3 in every tokenizer made here
 TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece", "char")
@@ -40,6 +50,7 @@ ARCHS = ("llama", "gpt2")
 # Runs of digits are their own pre-tokens: a number is never merged with the text around it,
 # so "12" is tokenized the same way wherever it stands.
 _DIGIT_RUNS = pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated")
+_PROMPT_END = pre_tokenizers.Split(Regex(PROMPT_END_REGEX), behavior="merged_with_previous")
 # A prefix no byte-level character can produce (U+2581 is not in the byte-level alphabet), so
 # decoding can strip it without touching text such as "###".
 _WORDPIECE_PREFIX = "\u2581\u2581"
@@ -123,6 +134,10 @@ def _build_backend(texts: list[str], kind: str, vocab_size: int, max_piece_lengt
     if trainer is not None:
         corpus = texts + _random_windows(texts, min(2 * len(texts), 500)) if kind == "unigram" else texts
         tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+        # Set after training (the vocabulary is the same as without it): the end of a prompt
+        # template ends a pre-token, so encoding prompt + response jointly gives the prompt's
+        # own tokens followed by the response's, as a generation engine sees them.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([_PROMPT_END, tok.pre_tokenizer])
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
@@ -173,9 +188,13 @@ def train_tokenizer(
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """AutoTokenizer.from_pretrained, with an error that names a missing local path."""
-    _check_local_path(path_or_hub_id, "tokenizer")
-    return AutoTokenizer.from_pretrained(str(path_or_hub_id))
+    """A tokenizer from a local folder or a cached hub id (:func:`resolve_pretrained`), with
+    no remote code. A folder without tokenizer files raises :class:`ModelFilesError` naming
+    the files it lacks."""
+    source = resolve_pretrained(path_or_hub_id, "tokenizer")
+    if isinstance(source, Path):
+        _check_tokenizer_files(source)
+    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
 
 
 def build_model(
@@ -257,27 +276,81 @@ def count_parameters(model: torch.nn.Module, *, exclude_embeddings: bool = False
     return sum(seen.values())
 
 
-def _check_local_path(path_or_hub_id: str | os.PathLike, what: str) -> None:
-    """Raise FileNotFoundError for something that is meant as a local path but is missing.
+class ModelFilesError(FileNotFoundError):
+    """A model or tokenizer that cannot be loaded from what is on disk; the message names the
+    path, what is missing and the fix."""
 
-    A hub id is "name" or "org/name"; anything absolute, starting with "." or "~", with a
-    backslash or with more than one "/" is taken as a path.
+
+# A tokenizer folder needs one of these (file names as written by save_pretrained).
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",),
+                    ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    """"name" or "org/name" (hub ids); anything absolute, starting with "." or "~", with a
+    backslash or with more than one "/" is a path."""
+    return not (s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") > 1 or s.strip() != s or not s)
+
+
+def resolve_pretrained(path_or_hub_id: str | os.PathLike, what: str) -> Path | str:
+    """Where to load ``what`` ("model" or "tokenizer") from, without asking the hub for
+    anything that exists locally.
+
+    An existing local folder -> its Path. A hub id already in the local Hugging Face cache ->
+    the cached snapshot's Path. A hub id not cached, when downloads are allowed
+    (``HF_HUB_OFFLINE`` unset) -> the id (transformers downloads it). Anything else raises
+    :class:`ModelFilesError` saying it was neither an existing folder nor a cached hub id.
     """
-    s = str(path_or_hub_id)
-    if os.path.exists(os.path.expanduser(s)):
+    s = os.path.expanduser(str(path_or_hub_id))
+    if os.path.exists(s):
+        if not os.path.isdir(s):
+            raise ModelFilesError(f"{what} path {s!r} is a file; give the folder written by save_pretrained")
+        return Path(s)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if _looks_like_hub_id(s) and not isinstance(path_or_hub_id, os.PathLike):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(s, local_files_only=True))
+        except Exception:  # not in the cache (or not a valid id)
+            if not offline:
+                return s
+    raise ModelFilesError(
+        f"{what} {s!r} is neither an existing folder (looked for {os.path.abspath(s)}) nor a "
+        f"Hugging Face hub id cached on this machine"
+        + (" (HF_HUB_OFFLINE is set: nothing is downloaded)" if offline else "")
+        + ". Give the folder written by save_pretrained (for the teacher: run the teacher_sft "
+        "stage first), or download the model on a connected machine into the cache.")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    if any(all((folder / name).is_file() for name in group) for group in _TOKENIZER_FILES):
         return
-    looks_like_path = (
-        isinstance(path_or_hub_id, os.PathLike)
-        or s.startswith(("/", ".", "~"))
-        or "\\" in s
-        or s.count("/") > 1
-    )
-    if looks_like_path:
-        raise FileNotFoundError(
-            f"{what} path {s!r} does not exist. Point the config at a directory written by "
-            f"save_pretrained (for the teacher: run the teacher_sft stage first, or set the "
-            f"model to a Hugging Face hub id that is cached on this machine)."
-        )
+    raise ModelFilesError(
+        f"{folder} has no tokenizer.json / tokenizer.model / vocab files (vocab.json + "
+        f"merges.txt, or vocab.txt): save the tokenizer there with "
+        f"tokenizer.save_pretrained({str(folder)!r}), or point the config at the folder that "
+        "holds the model's tokenizer.")
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Refuse a local model folder without safetensors weights (a pickle checkpoint would run
+    code when loaded)."""
+    if not (folder / "config.json").is_file():
+        raise ModelFilesError(f"{folder} has no config.json: give the folder written by "
+                              "model.save_pretrained")
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ModelFilesError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); loading them would "
+            "unpickle, that is run, code stored in the file, so they are not loaded. Convert "
+            "them once, on a machine and with files you trust: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
+            "model.safetensors.")
+    raise ModelFilesError(f"{folder} has no model weights (model.safetensors): save the model "
+                          "there with model.save_pretrained")
 
 
 def load_model(
@@ -285,25 +358,24 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a pretrained causal LM (a save_pretrained directory or a hub id), in eval mode.
+    """Load a pretrained causal LM (a save_pretrained folder or a cached hub id), in eval mode.
 
-    dtype: "float32", "bfloat16", "float16" or a torch dtype. A local path that does not exist
-    raises FileNotFoundError naming it; a hub id that cannot be fetched (these machines are
-    offline) raises OSError saying so.
+    Weights load from safetensors only and no remote code runs (``use_safetensors=True``,
+    ``trust_remote_code=False``): a folder with only a pickle ``pytorch_model.bin`` is refused
+    with :class:`ModelFilesError`. dtype: "auto" (the checkpoint's), "float32", "bfloat16",
+    "float16" or a torch dtype. Paths that do not resolve raise :class:`ModelFilesError`
+    (:func:`resolve_pretrained`).
     """
-    _check_local_path(path_or_hub_id, "model")
-    if isinstance(dtype, str):
-        try:
-            dtype = getattr(torch, dtype)
-        except AttributeError:
-            raise ValueError(f"unknown dtype {dtype!r}") from None
+    source = resolve_pretrained(path_or_hub_id, "model")
+    if isinstance(source, Path):
+        _check_safetensors(source)
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_hub_id), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
     except OSError as err:
-        raise OSError(
-            f"could not load model {str(path_or_hub_id)!r}: it is not a local directory, and "
-            f"as a hub id it is neither cached nor downloadable here "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). "
-            f"Download it on a connected machine or give a save_pretrained directory. ({err})"
-        ) from err
+        raise ModelFilesError(f"could not load model {str(path_or_hub_id)!r} from {source}: {err}") from err
     return model.to(device).eval()

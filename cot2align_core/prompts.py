@@ -34,8 +34,21 @@ COT_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\nLet's think step by step.\n"
 )
 ANSWER_PREFIX = "\nTherefore, the answer is: "
+RESPONSE_HEADER = "### Response:\n"
+COT_TRIGGER = "Let's think step by step.\n"
 
 FORMS = ("standard", "cot")
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` as a regular expression matching itself (Python and Oniguruma syntax)."""
+    special = set(".^$|?*+()[]{}\\")
+    return "".join("\\n" if c == "\n" else "\\" + c if c in special else c for c in text)
+
+
+# Where every prompt template ends: the response header, then the CoT trigger in the CoT form.
+# Tokenizers trained here end a pre-token there, so no token spans a prompt and its response.
+PROMPT_END_REGEX = _regex_literal(RESPONSE_HEADER) + "(?:" + _regex_literal(COT_TRIGGER) + ")?"
 
 
 def _has_input(row: Mapping) -> bool:

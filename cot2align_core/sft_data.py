@@ -1,39 +1,49 @@
 """SFT examples: a row in one form -> token ids of prompt + response, and the prompt length.
 
-Encoding is :func:`cot2align_core.tokenization.tokenize_pair`'s (prompt and response encoded
-separately, the tokenizer's bos in front when it adds one, eos after the response), so the model
-is trained on the same prompt ids it is later given to generate from, and the teacher's SFT
-sees exactly the tokenisation of the tokenize stage.
+Every example goes through :func:`cot2align_core.fitting.fit_example`, the path of the tokenize
+stage: the prompt is fitted by cutting the row's input (never the instruction), the sequence is
+the joint tokenization of prompt + response with the tokenizer's bos in front when it adds one
+and eos after the response, so the model is trained on the prompt ids it is later given to
+generate from. Examples whose response does not fit are dropped (a cut response would teach the
+model to stop mid-sentence), and every drop is counted with its reason.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+from cot2align_core.fitting import Dropped, FitStats, TruncationMode, fit_example
 from cot2align_core.prompts import FORMS, format_row
-from cot2align_core.tokenization import tokenize_pair
 
 
 def build_sft_examples(
     rows: Iterable[Mapping],
-    tokenizer,
+    tokenizers: Mapping[str, Any],
+    side: str,
     forms: Iterable[str] = FORMS,
     *,
     max_length: int = 512,
     max_prompt_length: int = 256,
+    truncation: TruncationMode = "end",
     rationales: Mapping[str, str] | None = None,
-) -> list[dict]:
-    """One example per (row, form): {"id", "form", "input_ids", "prompt_len"}.
+) -> tuple[list[dict], FitStats]:
+    """(examples, counts): one example per (row, form), ``{"id", "form", "input_ids",
+    "prompt_len"}`` in ``tokenizers[side]``'s tokens, and the :class:`FitStats` of the fitting.
 
-    forms: "standard" (Alpaca prompt -> answer) and/or "cot" (CoT prompt -> rationale +
-    "Therefore, the answer is: " + answer). The CoT form uses `rationales[row["id"]]` when
-    given (the teacher's), else the row's own `rationale`; rows without one get no CoT form.
-    Examples that do not fit `max_length` / `max_prompt_length` are dropped (a truncated
-    response would teach the model to stop mid-sentence).
+    ``tokenizers``: every tokenizer the text must fit (the cut of a long input is decided with
+    all of them, so the text is the one the tokenize stage gives both models); ``side`` names
+    the one whose ids are returned. forms: "standard" (Alpaca prompt -> answer) and/or "cot"
+    (CoT prompt -> rationale + "Therefore, the answer is: " + answer). The CoT form uses
+    ``rationales[row["id"]]`` when given (the teacher's), else the row's own ``rationale``; rows
+    without one get no CoT form (not counted). ``truncation``: how a long input is cut.
     """
     forms = tuple(forms)
     for form in forms:
         if form not in FORMS:
             raise ValueError(f"unknown form {form!r}: expected one of {FORMS}")
+    if side not in tokenizers:
+        raise ValueError(f"side {side!r} is not among the tokenizers {sorted(tokenizers)}")
+    stats = FitStats()
     examples = []
     for row in rows:
         for form in forms:
@@ -42,13 +52,15 @@ def build_sft_examples(
                 rationale = (rationales or {}).get(row["id"], row.get("rationale"))
                 if not rationale:
                     continue
-            ex = tokenize_pair(tokenizer, row["id"], form, *format_row(row, form, rationale),
-                               max_length=max_length, max_prompt_length=max_prompt_length)
-            if ex.truncated:
+            fitted = stats.add(fit_example(row, form, rationale, tokenizers, max_length=max_length,
+                                           max_prompt_length=max_prompt_length, mode=truncation,
+                                           long_response="drop"))
+            if isinstance(fitted, Dropped):
                 continue
+            ex = fitted.sides[side]
             examples.append({"id": ex.id, "form": form, "input_ids": ex.input_ids,
                              "prompt_len": ex.prompt_tokens})
-    return examples
+    return examples, stats
 
 
 def tokenizer_corpus(rows: Iterable[Mapping], forms: Iterable[str] = FORMS) -> list[str]:

@@ -158,6 +158,24 @@ def preflight(cfg: PipelineConfig, keys: list[StageKey] | None = None) -> None:
         store.check_writable()
 
 
+def fitted_rows(cfg: PipelineConfig, upstream: dict[str, StageRef], rows: list[dict],
+                form: str):
+    """``(rows whose prompt in ``form`` fits, FitStats)``: a row whose prompt is too long for
+    ``tokenize.max_prompt_length`` with either tokenizer has its input cut
+    (``tokenize.truncate_input``), exactly as tokenize will cut it; a row whose instruction and
+    template alone do not fit is left out (and counted)."""
+    from cot2align_core.fitting import FitStats, PromptFit, fit_prompt
+
+    toks = {side: load_side_tokenizer(cfg, side, upstream) for side in ("teacher", "student")}
+    stats, out = FitStats(), []
+    for row in rows:
+        fit = stats.add(fit_prompt(row, form, toks, cfg.tokenize.max_prompt_length,
+                                   cfg.tokenize.truncate_input))
+        if isinstance(fit, PromptFit):
+            out.append(dict(fit.row))
+    return out, stats
+
+
 def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, StageRef],
                     student_dim: int, teacher_dim: int):
     """The student's training objective; MinED's vocabulary map is built from both tokenizers."""

@@ -23,7 +23,7 @@ from cot2align_core.evaluation import (decodings, generate_answers, paired_diffe
                                        reference_pairs, summary_table)
 from storage.schemas import generations_table, read_rows
 from storage.store import open_artifact
-from tasks.common import StageRef, logger, resolve_device, teacher_model_path
+from tasks.common import StageRef, fitted_rows, logger, resolve_device, teacher_model_path
 from tasks.registry import StageKey
 from tasks.report import write_evaluation_report
 from tasks.stage import Progress, publish_table, run_stage
@@ -51,16 +51,21 @@ def models_to_evaluate(cfg: PipelineConfig, upstream: dict[str, StageRef]) -> li
     return models
 
 
-def generate_for_model(cfg: PipelineConfig, m: ModelToEvaluate, rows: list[dict]) -> list[dict]:
-    from cot2align_core.generation import make_backend
+def generate_for_model(cfg: PipelineConfig, m: ModelToEvaluate,
+                       rows_by_form: dict[str, list[dict]]) -> list[dict]:
+    """Every (fitted) eval row answered by one model in each form and decoding pass."""
+    from cot2align_core.generation import HFOptions, VLLMOptions, make_backend
 
     e = cfg.evaluate
     check = checker(cfg.data.answer_format) if cfg.data.checkable_answers else None
-    with make_backend(e.backend, m.path, dtype=m.dtype,
-                      hf_options=dict(device=resolve_device("auto"), batch_size=64)) as backend:
-        out = generate_answers(backend, rows, forms=e.forms, passes=decodings(e.decoding, e.seeds),
-                               max_tokens=e.max_tokens, temperature=e.temperature, top_p=e.top_p,
-                               checker=check)
+    out = []
+    with make_backend(e.backend, m.path, vllm=VLLMOptions(dtype=m.dtype),
+                      hf=HFOptions(device=resolve_device("auto"), dtype=m.dtype,
+                                   batch_size=64)) as backend:
+        for form, rows in rows_by_form.items():
+            out += generate_answers(backend, rows, forms=[form],
+                                    passes=decodings(e.decoding, e.seeds), max_tokens=e.max_tokens,
+                                    temperature=e.temperature, top_p=e.top_p, checker=check)
     return [{"model": m.name, "seed_of_model": m.seed, **g} for g in out]
 
 
@@ -75,7 +80,7 @@ def comparison_pairs(cfg: PipelineConfig) -> list[tuple[str, str]]:
 
 
 def _all_generations(w, cfg: PipelineConfig, models: list[ModelToEvaluate],
-                     rows: list[dict]) -> list[dict]:
+                     rows: dict[str, list[dict]]) -> list[dict]:
     generations: list[dict] = []
     with Progress(len(models), "evaluate: models") as bar:
         for i, m in enumerate(models):
@@ -102,8 +107,13 @@ def evaluate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
             raise StageError("evaluate needs an eval split: set data.eval_path (or use the demo "
                              "task)")
         rows = rows[: cfg.evaluate.max_rows] if cfg.evaluate.max_rows else rows
+        by_form = {}
+        for form in cfg.evaluate.forms:
+            by_form[form], fit = fitted_rows(cfg, upstream, rows, form)
+            logger().info(fit.log_line(f"evaluate ({form} prompts)"))
+            w.info[f"fit_{form}"] = fit.as_dict()
         models = models_to_evaluate(cfg, upstream)
-        generations = _all_generations(w, cfg, models, rows)
+        generations = _all_generations(w, cfg, models, by_form)
         table = summary_table(generations)
         diffs = paired_differences(generations, comparison_pairs(cfg),
                                    n_boot=cfg.evaluate.bootstrap)

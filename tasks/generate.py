@@ -19,7 +19,7 @@ from cot2align_core.data import has_cot_form
 from cot2align_core.prompts import ANSWER_PREFIX, cot_prompt
 from storage.schemas import rationales_table, read_rows
 from storage.store import open_artifact
-from tasks.common import StageRef, logger, resolve_device, teacher_model_path
+from tasks.common import StageRef, fitted_rows, logger, resolve_device, teacher_model_path
 from tasks.registry import StageKey
 from tasks.stage import Progress, kill_point, run_shard, run_stage
 
@@ -47,7 +47,8 @@ def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], bac
                               max_tokens=g.max_tokens, seed=g.seed)
     prompts = [cot_prompt(r) for r in rows]
     seeds = [derive_seed(g.seed, r["id"]) for r in rows]
-    outputs = backend.generate(prompts, sampling, seeds, ids=[r["id"] for r in rows])
+    outputs = backend.generate(prompts, sampling, seeds, ids=[r["id"] for r in rows],
+                               timeout_s=g.shard_timeout_s)
     out, kept = [], 0
     for row, prompt, seed, completions in zip(rows, prompts, seeds, outputs):
         for j, c in enumerate(completions):
@@ -64,17 +65,16 @@ def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], bac
 
 
 def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None):
-    from cot2align_core.generation import make_backend
+    from cot2align_core.generation import HFOptions, VLLMOptions, make_backend
 
     g = cfg.generate
     device = resolve_device("auto")
     return make_backend(
         kind, model_dir,
-        vllm_options=dict(tensor_parallel_size=g.tensor_parallel_size,
-                          gpu_memory_utilization=g.gpu_memory_utilization,
-                          dtype=cfg.teacher.dtype),
-        hf_options=dict(device=device, dtype=cfg.teacher.dtype),
-        max_model_len=g.max_model_len,
+        vllm=VLLMOptions(tensor_parallel_size=g.tensor_parallel_size,
+                         gpu_memory_utilization=g.gpu_memory_utilization,
+                         dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
+        hf=HFOptions(device=device, dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
     )
 
 
@@ -82,8 +82,11 @@ def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None)
 def generate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                    force: bool = False) -> StageRef:
     def body(w) -> dict:
-        rows = [r for r in read_rows(open_artifact(upstream["prepare"].path), "train")
-                if has_cot_form(r, cfg.data.cot_requires_input)]
+        candidates = [r for r in read_rows(open_artifact(upstream["prepare"].path), "train")
+                      if has_cot_form(r, cfg.data.cot_requires_input)]
+        rows, fit = fitted_rows(cfg, upstream, candidates, "cot")
+        logger().info(fit.log_line("generate"))
+        w.info["fit"] = fit.as_dict()
         size = cfg.generate.shard_size
         shards = {f"rationales-{i // size:05d}": rows[i:i + size] for i in range(0, len(rows), size)}
         todo = [n for n in shards if not w.has_shard(n)]
@@ -104,7 +107,8 @@ def generate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
                 backend.close()
         kept = sum(s.info.get("kept", 0) for s in w.shard_records())
         total = sum(s.rows for s in w.shard_records())
-        return {"examples": len(rows), "rationales": total, "kept": kept,
+        return {"examples": len(candidates), **fit.summary(), "rationales": total,
+                "kept": kept, "kept_rate": round(kept / max(total, 1), 4),
                 "filtered": total - kept, "backend": used}
 
     return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -110,12 +110,23 @@ def _teacher_sft_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
     # The SFT examples cut prompts at tokenize.max_prompt_length.
     return {"teacher": _dump(cfg.teacher), "teacher_sft": t, "seed": cfg.seed,
             "max_prompt_length": cfg.tokenize.max_prompt_length,
+            "truncate_input": cfg.tokenize.truncate_input,
             "cot_requires_input": cfg.data.cot_requires_input}
+
+
+def _prompt_fit(cfg: PipelineConfig) -> dict[str, Any]:
+    """What decides how a long prompt is cut: the limit, the mode, and both tokenizers (the
+    cut text must fit both; scratch tokenizers come with prepare's fingerprint)."""
+    return {"max_prompt_length": cfg.tokenize.max_prompt_length,
+            "truncate_input": cfg.tokenize.truncate_input,
+            "tokenizers": {"teacher": cfg.teacher.pretrained, "student": cfg.student.pretrained}}
 
 
 def _generate_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
-    return {"generate": _dump(cfg.generate), "teacher": _dump(cfg.teacher),
-            "cot_requires_input": cfg.data.cot_requires_input}
+    g = _dump(cfg.generate)
+    g.pop("shard_timeout_s")  # how long to wait, not what is written
+    return {"generate": g, "teacher": _dump(cfg.teacher),
+            "cot_requires_input": cfg.data.cot_requires_input, "prompt_fit": _prompt_fit(cfg)}
 
 
 def _tokenize_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
@@ -151,7 +162,7 @@ def _evaluate_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
     # The models' dtypes and the teacher are covered by the upstream fingerprints.
     return {"evaluate": _dump(cfg.evaluate), "checkable": cfg.data.checkable_answers,
             "answer_format": cfg.data.answer_format, "students": students,
-            "main": cfg.distill.label}
+            "main": cfg.distill.label, "prompt_fit": _prompt_fit(cfg)}
 
 
 STAGES: tuple[StageSpec, ...] = (

@@ -49,9 +49,11 @@ def teacher_sft_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dic
         t = cfg.teacher_sft.training
         device = resolve_device(t.device)
         forms = ("standard", "cot") if cfg.teacher_sft.use_gold_rationales else ("standard",)
-        examples = build_sft_examples(read_rows(prep, "train"), tok, forms,
-                                      max_length=t.max_length,
-                                      max_prompt_length=cfg.tokenize.max_prompt_length)
+        examples, fit = build_sft_examples(read_rows(prep, "train"), {"teacher": tok}, "teacher",
+                                           forms, max_length=t.max_length,
+                                           max_prompt_length=cfg.tokenize.max_prompt_length,
+                                           truncation=cfg.tokenize.truncate_input)
+        logger().info(fit.log_line("teacher_sft"))
         if not examples:
             raise StageError("teacher_sft: no training example fits teacher_sft.training."
                              "max_length / tokenize.max_prompt_length; raise them")
@@ -61,7 +63,8 @@ def teacher_sft_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dic
         result = train_and_save(w, model, tok, sft_loss, examples,
                                 lambda rows: collate_sft(rows, pad), t=t, seed=cfg.seed,
                                 label=str(key), lora=bool(cfg.teacher.lora_rank))
-        summary = {"examples": len(examples), "steps": result.steps_done,
+        w.info["fit"] = fit.as_dict()
+        summary = {"examples": len(examples), **fit.summary(), "steps": result.steps_done,
                    "final_loss": round(result.final_loss or float("nan"), 4)}
         eval_rows = read_rows(prep, "eval")[:200]
         if cfg.data.checkable_answers and eval_rows:

@@ -12,11 +12,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig
-from cot2align_core.prompts import format_row
-from cot2align_core.tokenization import TokenizedExample, response_ids, tokenize_pair
+from cot2align_core.fitting import FitStats, FittedExample, fit_example
+from cot2align_core.tokenization import TokenizedExample, response_ids
 from storage.schemas import read_rows, tokenized_table
 from storage.store import open_artifact
-from tasks.common import StageRef, load_side_tokenizer, tokenizer_path
+from tasks.common import StageRef, load_side_tokenizer, logger, tokenizer_path
 from tasks.registry import StageKey
 from tasks.stage import Progress, run_shard, run_stage
 
@@ -55,13 +55,13 @@ def as_row(ex: TokenizedExample) -> dict:
 @task(name="tokenize-shard", task_run_name="tokenize-shard-{index}", retries=1, cache_policy=NONE)
 def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: bool) -> dict:
     t = cfg.tokenize
-    encoded = {}
-    for side, tok in toks.items():
-        encoded[side] = [
-            tokenize_pair(tok, row["id"], form, *format_row(row, form, rationale),
-                          max_length=t.max_length, max_prompt_length=t.max_prompt_length)
-            for row, form, rationale in items
-        ]
+    stats = FitStats()
+    fitted = [stats.add(fit_example(row, form, rationale, toks, max_length=t.max_length,
+                                    max_prompt_length=t.max_prompt_length,
+                                    mode=t.truncate_input))
+              for row, form, rationale in items]
+    kept = [f for f in fitted if isinstance(f, FittedExample)]
+    encoded = {side: [f.sides[side] for f in kept] for side in toks}
     teacher_rows = [as_row(e) for e in encoded["teacher"]]
     student_rows = [as_row(e) for e in encoded["student"]]
     if mined:
@@ -73,10 +73,11 @@ def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: 
             s_strs = norm["student"].tokens(toks["student"], response_ids(s_ex))
             pairs = min_edit_alignment(t_strs, s_strs)
             srow["mined_alignment"] = alignment_tensor(pairs, len(s_strs)).tolist()
-    for side, rows in (("teacher", teacher_rows), ("student", student_rows)):
-        writer.write_shard(f"{side}-{index:05d}", tokenized_table(rows, side), kind=side)
-    truncated = sum(e.truncated for e in encoded["student"]) + sum(e.truncated for e in encoded["teacher"])
-    return {"rows": len(items), "truncated": truncated}
+    writer.write_shard(f"teacher-{index:05d}", tokenized_table(teacher_rows, "teacher"),
+                       kind="teacher")
+    writer.write_shard(f"student-{index:05d}", tokenized_table(student_rows, "student"),
+                       kind="student", info={"fit": stats.as_dict()})
+    return stats.as_dict()
 
 
 @task(name="tokenize", cache_policy=NONE)
@@ -92,15 +93,19 @@ def tokenize_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
         size = cfg.tokenize.shard_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         mined = cfg.needs_mined_alignment()
-        truncated = 0
         with Progress(len(chunks), "tokenize: shards") as bar:
             for i, chunk in enumerate(chunks):
                 if not (w.has_shard(f"teacher-{i:05d}") and w.has_shard(f"student-{i:05d}")):
-                    truncated += run_shard(tokenize_shard, cfg, w, i, chunk, toks,
-                                           mined)["truncated"]
+                    run_shard(tokenize_shard, cfg, w, i, chunk, toks, mined)
                 bar.update()
+        fit = FitStats()  # every shard's counts, whether written now or before a crash
+        for rec in w.shard_records():
+            if rec.kind == "student":
+                fit += FitStats.from_dict(rec.info["fit"])
+        logger().info(fit.log_line("tokenize"))
+        w.info["fit"] = fit.as_dict()
         n_cot = sum(1 for _, f, _ in items if f == "cot")
-        return {"examples": len(rows), "standard": len(rows), "cot": n_cot,
-                "truncated": truncated, "mined_alignment": mined}
+        return {"examples": len(rows), "standard": len(rows), "cot": n_cot, **fit.summary(),
+                "mined_alignment": mined}
 
     return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -129,9 +129,9 @@ def test_standard_prompt_is_the_one_in_the_dsk_dolly_files(dolly_dir):
 def test_sft_examples_mark_the_response_and_end_with_eos(tmp_path):
     rows = make_demo_rows(40, seed=0)
     tok = train_tokenizer(tokenizer_corpus(rows), "bpe", 600, tmp_path / "tok")
-    examples = build_sft_examples(rows, tok)
+    examples, stats = build_sft_examples(rows, {"teacher": tok}, "teacher")
     assert [e["form"] for e in examples[:2]] == ["standard", "cot"]
-    assert len(examples) == 80
+    assert len(examples) == 80 and stats.kept == 80 and not stats.dropped
     for ex, row in zip(examples, [r for r in rows for _ in range(2)]):
         prompt, response = prompts.format_row(row, ex["form"])
         ids, p = ex["input_ids"], ex["prompt_len"]
@@ -139,10 +139,15 @@ def test_sft_examples_mark_the_response_and_end_with_eos(tmp_path):
         assert ids[:p] == tok(prompt)["input_ids"] and ids[0] == tok.bos_token_id
         assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids[p:-1]) == response
-    # the teacher's rationales replace the gold ones; too long examples are dropped
-    other = build_sft_examples(rows[:2], tok, ["cot"], rationales={rows[0]["id"]: "1 + 1 = 2"})
+        assert ids[1:-1] == tok(prompt + response, add_special_tokens=False)["input_ids"]
+    # the teacher's rationales replace the gold ones; too long examples are dropped and counted
+    other, _ = build_sft_examples(rows[:2], {"teacher": tok}, "teacher", ["cot"],
+                                  rationales={rows[0]["id"]: "1 + 1 = 2"})
     assert tok.decode(other[0]["input_ids"][other[0]["prompt_len"] : -1]).startswith("1 + 1 = 2\n")
-    assert build_sft_examples(rows[:5], tok, ["cot"], max_length=12) == []
+    none, stats = build_sft_examples(rows[:5], {"teacher": tok}, "teacher", ["cot"], max_length=12)
+    assert none == [] and stats.dropped == {"response_too_long": 5}
+    with pytest.raises(ValueError, match="side"):
+        build_sft_examples(rows, {"teacher": tok}, "student")
 
 
 def test_demo_defaults_match_the_generator_defaults():

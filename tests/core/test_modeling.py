@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from cot2align_core.demo_task import DEMO_DEFAULTS, make_demo_rows
 from cot2align_core.modeling import (
     SPECIAL_TOKENS,
+    ModelFilesError,
     TOKENIZER_KINDS,
     build_model,
     count_parameters,
@@ -131,3 +132,93 @@ def test_missing_paths_are_named(tmp_path):
         load_model("no-such-org/no-such-model-cot2align")
     with pytest.raises(ValueError):
         build_model("t5", None)
+
+
+@pytest.fixture()
+def saved(tmp_path, demo_tokenizers):
+    """A tiny model and its tokenizer saved under tmp_path/models/m."""
+    tok = demo_tokenizers["teacher"]
+    folder = tmp_path / "models" / "m"
+    build_model("llama", tok, hidden_size=64, num_layers=1, num_heads=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_without_tokenizer_files_names_them(saved):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (saved / name).unlink()
+    with pytest.raises(ModelFilesError) as info:
+        load_tokenizer(saved)
+    msg = str(info.value)
+    assert str(saved) in msg and "has no tokenizer.json / tokenizer.model / vocab files" in msg
+    assert "tokenizer.save_pretrained" in msg
+    assert isinstance(info.value, FileNotFoundError)  # the CLI prints it without a traceback
+
+
+def test_a_missing_relative_path_is_neither_a_folder_nor_a_cached_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ModelFilesError) as info:
+            load("models/nope")
+        msg = str(info.value)
+        assert "'models/nope' is neither an existing folder" in msg
+        assert str(tmp_path / "models" / "nope") in msg and "cached on this machine" in msg
+        assert "HF_HUB_OFFLINE" in msg and info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_local_paths_never_go_to_the_hub(saved, tmp_path, monkeypatch):
+    import huggingface_hub
+    import transformers.utils.hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args} {kwargs}")
+
+    for module in (huggingface_hub, transformers.utils.hub):
+        monkeypatch.setattr(module, "hf_hub_download", no_hub)
+        monkeypatch.setattr(module, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)  # "models/m" reads like a hub id (org/name) but exists here
+    assert load_model("models/m").config.num_hidden_layers == 1
+    assert load_tokenizer("models/m")("2 + 2")["input_ids"][0] == 1
+
+
+def test_pickle_weights_are_refused(saved):
+    from cot2align_core.generation import HFBackend
+
+    state = load_model(saved).state_dict()
+    for f in saved.glob("*.safetensors"):
+        f.unlink()
+    torch.save(state, saved / "pytorch_model.bin")
+    for load in (load_model, HFBackend):
+        with pytest.raises(ModelFilesError) as info:
+            load(saved)
+        msg = str(info.value)
+        assert "pytorch_model.bin" in msg and "unpickle" in msg and "model.safetensors" in msg
+    (saved / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelFilesError, match="no model weights"):
+        load_model(saved)
+
+
+def test_trained_tokenizers_end_a_pre_token_at_the_end_of_every_prompt(tmp_path):
+    """Encoding prompt + response jointly gives the prompt's own tokens, then the response's:
+    no token spans the boundary (tokenization.py relies on it), for every kind, even where
+    the training texts make merges such as "\\nThe" frequent."""
+    import random
+
+    from cot2align_core.prompts import format_row
+
+    rng = random.Random(0)
+    words = "the sky sea is blue green red wide deep calm this that answer".split()
+    rows = [{"id": str(i), "instruction": f"Describe the {rng.choice(words)}",
+             "input": " ".join(rng.choices(words, k=rng.randint(0, 6))),
+             "output": "The " + " ".join(rng.choices(words, k=5)),
+             "rationale": "This is " + " ".join(rng.choices(words, k=4))} for i in range(150)]
+    texts = tokenizer_corpus(rows)
+    for kind in TOKENIZER_KINDS:
+        tok = train_tokenizer(texts, kind, 400, tmp_path / kind)
+        for row in rows[:40]:
+            for form in ("standard", "cot"):
+                prompt, response = format_row(row, form)
+                joint = tok(prompt + response, add_special_tokens=False)["input_ids"]
+                apart = tok(prompt, add_special_tokens=False)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+                assert joint == apart, (kind, row["id"], form)

@@ -109,7 +109,10 @@ M, S, D = "distill[cot2align,seed=0]", "distill[sft,seed=0]", "distill[dskd,seed
     ("distill.training.lr=0.01", {M, S, D}, None),
     ("generate.temperature=0.7", {"generate"}, None),
     ("tokenize.max_length=300", {"tokenize"}, None),
-    ("tokenize.max_prompt_length=100", {"teacher_sft", "tokenize"}, None),
+    # Every stage that renders prompts fits them to the same limit, the same way.
+    ("tokenize.max_prompt_length=100", {"teacher_sft", "generate", "tokenize", "evaluate"}, None),
+    ("tokenize.truncate_input=middle", {"teacher_sft", "generate", "tokenize", "evaluate"}, None),
+    ("generate.shard_timeout_s=60", set(), None),
     ("cache_teacher.dtype=bfloat16", {"cache_teacher"}, None),
     ("cache_teacher.batch_size=3", set(), None),
     ("cache_teacher.device=cpu", set(), None),
@@ -133,6 +136,10 @@ M, S, D = "distill[cot2align,seed=0]", "distill[sft,seed=0]", "distill[dskd,seed
                              "distill[dskd,seed=42]"}, PAPER),
     ("teacher.dtype=float32", {"teacher_sft", "generate", "cache_teacher"}, PAPER),
     ("teacher_sft.training.max_length=300", {"teacher_sft"}, PAPER),
+    # The student's tokenizer decides how long prompts are cut, for the teacher's texts too.
+    ("student.pretrained=gpt2-medium", {"generate", "tokenize", "evaluate",
+                                        "distill[cot2align,seed=42]", "distill[sft,seed=42]",
+                                        "distill[dskd,seed=42]"}, PAPER),
 ])
 def test_a_parameter_reaches_exactly_the_stages_that_read_it(override, stages, path):
     assert changed(override, path or DEMO) == stages
