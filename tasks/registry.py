@@ -17,6 +17,7 @@ left out give one fingerprint, and changing a default in the code changes it.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -66,7 +67,9 @@ class StageSpec:
     name : the stage's name, also its folder in the store.
     version : bump it when what the stage writes changes meaning or layout.
     upstream : stages whose artifacts it reads (every enabled instance of each).
-    params : ``(cfg, key) -> dict``: the resolved config values the stage reads.
+    params : ``(cfg, key, digest) -> dict``: the resolved config values the stage reads, and
+        the content digests (``digest(path) -> sha256 | None``) of the local files and folders
+        it reads (data files, model and tokenizer folders; None for a hub id).
     task : ``"module:function"`` of its Prefect task, imported when the stage runs.
     enabled : ``cfg -> bool``: whether this config has the stage at all.
     per_student : one instance per (student, training seed) instead of one.
@@ -76,7 +79,7 @@ class StageSpec:
     name: str
     version: int
     upstream: tuple[str, ...]
-    params: Callable[[PipelineConfig, StageKey], dict[str, Any]]
+    params: Callable[[PipelineConfig, StageKey, "Digest"], dict[str, Any]]
     task: str
     enabled: Callable[[PipelineConfig], bool] = _always
     per_student: bool = False
@@ -89,6 +92,9 @@ class StageSpec:
 
 
 # ------------------------------------------------------------------------- what stages read
+Digest = Callable[[str | None], str | None]
+
+
 def _dump(model) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
@@ -98,71 +104,89 @@ def _scratch_tokenizers(cfg: PipelineConfig) -> dict[str, Any]:
             for side, m in (("teacher", cfg.teacher), ("student", cfg.student))}
 
 
-def _prepare_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
-    # The data section and, for models built from scratch, their tokenizer settings (prepare
-    # trains those tokenizers); nothing a student's dtype or LoRA rank could rerun.
-    return {"data": _dump(cfg.data), "scratch_tokenizers": _scratch_tokenizers(cfg)}
+def _prepare_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
+    # The data section, the data files' contents, and, for models built from scratch, their
+    # tokenizer settings (prepare trains those tokenizers); nothing a student's dtype or LoRA
+    # rank could rerun.
+    files = {}
+    if cfg.data.source == "jsonl":
+        files = {k: digest(os.path.expandvars(p)) for k in ("train_path", "dev_path", "eval_path")
+                 if (p := getattr(cfg.data, k))}
+    return {"data": _dump(cfg.data), "data_files": files,
+            "scratch_tokenizers": _scratch_tokenizers(cfg)}
 
 
-def _teacher_sft_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
+def _model(cfg: PipelineConfig, side: str, digest: Digest) -> dict[str, Any]:
+    """A model's settings and, for a local folder, its content."""
+    m = cfg.teacher if side == "teacher" else cfg.student
+    return {**_dump(m), "content": digest(m.pretrained)}
+
+
+def _teacher_sft_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     t = _dump(cfg.teacher_sft)
     t["training"].pop("device")
     # The SFT examples cut prompts at tokenize.max_prompt_length.
-    return {"teacher": _dump(cfg.teacher), "teacher_sft": t, "seed": cfg.seed,
+    return {"teacher": _model(cfg, "teacher", digest), "teacher_sft": t, "seed": cfg.seed,
             "max_prompt_length": cfg.tokenize.max_prompt_length,
             "truncate_input": cfg.tokenize.truncate_input,
             "cot_requires_input": cfg.data.cot_requires_input}
 
 
-def _prompt_fit(cfg: PipelineConfig) -> dict[str, Any]:
+def _tokenizers(cfg: PipelineConfig, digest: Digest) -> dict[str, Any]:
+    """Pretrained tokenizers by name and content; scratch ones come with prepare's fingerprint."""
+    return {side: {"name": m.pretrained, "content": digest(m.pretrained)}
+            for side, m in (("teacher", cfg.teacher), ("student", cfg.student))}
+
+
+def _prompt_fit(cfg: PipelineConfig, digest: Digest) -> dict[str, Any]:
     """What decides how a long prompt is cut: the limit, the mode, and both tokenizers (the
-    cut text must fit both; scratch tokenizers come with prepare's fingerprint)."""
+    cut text must fit both)."""
     return {"max_prompt_length": cfg.tokenize.max_prompt_length,
-            "truncate_input": cfg.tokenize.truncate_input,
-            "tokenizers": {"teacher": cfg.teacher.pretrained, "student": cfg.student.pretrained}}
+            "truncate_input": cfg.tokenize.truncate_input, "tokenizers": _tokenizers(cfg, digest)}
 
 
-def _generate_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
+def _generate_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     g = _dump(cfg.generate)
     g.pop("shard_timeout_s")  # how long to wait, not what is written
-    return {"generate": g, "teacher": _dump(cfg.teacher),
-            "cot_requires_input": cfg.data.cot_requires_input, "prompt_fit": _prompt_fit(cfg)}
+    return {"generate": g, "teacher": _model(cfg, "teacher", digest),
+            "cot_requires_input": cfg.data.cot_requires_input,
+            "prompt_fit": _prompt_fit(cfg, digest)}
 
 
-def _tokenize_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
-    # Pretrained tokenizers are named here; scratch ones come from prepare's artifact.
+def _tokenize_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     return {"tokenize": _dump(cfg.tokenize), "mined": cfg.needs_mined_alignment(),
             "cot_requires_input": cfg.data.cot_requires_input,
-            "tokenizers": {"teacher": cfg.teacher.pretrained, "student": cfg.student.pretrained}}
+            "tokenizers": _tokenizers(cfg, digest)}
 
 
-def _cache_teacher_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
+def _cache_teacher_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     c = _dump(cfg.cache_teacher)
     c.pop("device")
     c.pop("batch_size")  # does not change what is cached
     # The teacher is the SFT one (its fingerprint covers the teacher) or the pretrained one.
     return {"cache_teacher": c, "topk": cfg.needed_topk(), "lm_head": cfg.needs_teacher_head(),
-            "teacher": _dump(cfg.teacher)}
+            "teacher": _model(cfg, "teacher", digest)}
 
 
-def _distill_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
+def _distill_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     st = cfg.resolve_student(key.label)
     t = _dump(st.training)
     t.pop("device")
     selection = _dump(cfg.distill.selection)
     selection["metric"] = cfg.selection_metric()
     # The label is not hashed: two labels with one objective share one artifact.
-    return {"objective": _dump(st.objective), "training": t, "student": _dump(cfg.student),
+    return {"objective": _dump(st.objective), "training": t,
+            "student": _model(cfg, "student", digest),
             "seed": key.seed, "selection": selection if selection["every"] else None,
             "health_every": cfg.distill.health_every}
 
 
-def _evaluate_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
+def _evaluate_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
     students = {str(k): k.label for k in instances(cfg, spec("distill"))}
     # The models' dtypes and the teacher are covered by the upstream fingerprints.
     return {"evaluate": _dump(cfg.evaluate), "checkable": cfg.data.checkable_answers,
             "answer_format": cfg.data.answer_format, "students": students,
-            "main": cfg.distill.label, "prompt_fit": _prompt_fit(cfg)}
+            "main": cfg.distill.label, "prompt_fit": _prompt_fit(cfg, digest)}
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -222,15 +246,34 @@ def upstream_keys(cfg: PipelineConfig, key: StageKey) -> list[StageKey]:
     return [k for name in spec(key.stage).upstream for k in instances(cfg, spec(name))]
 
 
-def stage_params(cfg: PipelineConfig, key: StageKey) -> dict[str, Any]:
-    return spec(key.stage).params(cfg, key)
+def content_digests(cfg: PipelineConfig) -> Digest:
+    """``digest(path)``: the content digest of a local file or folder (cached in the store,
+    re-hashed only when a file's size or time changes), None for a hub id or no path."""
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(cfg.store)
+    memo: dict[str, str | None] = {}
+
+    def digest(path: str | None) -> str | None:
+        if path is None:
+            return None
+        if path not in memo:
+            memo[path] = store.content_digest(path)
+        return memo[path]
+
+    return digest
+
+
+def stage_params(cfg: PipelineConfig, key: StageKey, digest: Digest | None = None) -> dict[str, Any]:
+    return spec(key.stage).params(cfg, key, digest or content_digests(cfg))
 
 
 def plan(cfg: PipelineConfig) -> dict[StageKey, str]:
     """Fingerprint of every stage instance of this config, in run order."""
+    digest = content_digests(cfg)
     fps: dict[StageKey, str] = {}
     for stage in enabled_specs(cfg):
         for key in instances(cfg, stage):
             ups = {str(u): fps[u] for u in upstream_keys(cfg, key)}
-            fps[key] = fingerprint(stage.name, stage_params(cfg, key), ups, stage.version)
+            fps[key] = fingerprint(stage.name, stage_params(cfg, key, digest), ups, stage.version)
     return fps

@@ -186,3 +186,34 @@ def test_a_student_that_needs_logits_changes_what_is_cached():
     assert stage_params(base, k) != stage_params(new, k)
     m = StageKey("distill", "cot2align", 0)
     assert stage_params(base, m) == stage_params(new, m)
+
+
+# ---------------------------------------------------------------------------- inputs by content
+def test_a_data_file_edited_in_place_reruns_what_reads_it(tmp_path, dolly_dir):
+    train = tmp_path / "train.jsonl"
+    lines = (dolly_dir / "dev.jsonl").read_text().splitlines()[:40]
+    train.write_text("\n".join(lines) + "\n")
+    over = [f"data.train_path={train}", "data.eval_path=null", f"store={tmp_path / 'store'}"]
+    cfg = load_config(REPO / "configs" / "dolly_tiny.yaml", over)
+    before = plan(cfg)
+    assert plan(cfg) == before  # unchanged file: same fingerprints (from the digest cache)
+    train.write_text("\n".join(lines[:38]) + "\n")  # 40 -> 38 rows, same path
+    after = plan(load_config(REPO / "configs" / "dolly_tiny.yaml", over))
+    assert {k.stage for k in before if before[k] != after[k]} == set(STAGE_NAMES)
+
+
+def test_a_local_model_folder_enters_the_fingerprint_by_content(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"hidden_size": 8}')
+    over = [f"teacher.pretrained={teacher}", "teacher_sft.enabled=false",
+            f"store={tmp_path / 'store'}"]
+    before = plan(load_config(PAPER, over))
+    (teacher / "config.json").write_text('{"hidden_size": 16}')
+    after = plan(load_config(PAPER, over))
+    changed_stages = {k.stage for k in before if before[k] != after[k]}
+    assert {"generate", "cache_teacher", "evaluate"} <= changed_stages
+    assert "prepare" not in changed_stages
+    hub = plan(load_config(PAPER, ["teacher_sft.enabled=false", f"store={tmp_path / 'store'}"]))
+    assert hub == plan(load_config(PAPER, ["teacher_sft.enabled=false",
+                                           f"store={tmp_path / 'store'}"]))  # a hub id: a name
