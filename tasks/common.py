@@ -95,22 +95,30 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def teacher_model_path(cfg: PipelineConfig, upstream: dict[str, StageRef]) -> str:
-    """The teacher to load: the fine-tuned one of teacher_sft, else the configured pretrained."""
-    from pathlib import Path
+def checked_files(ref: StageRef, relpath: str) -> str:
+    """The path of an artifact's side files (a saved model, a tokenizer), re-hashed against
+    its manifest first: a damaged file is an error naming it and the repair, never loaded."""
+    from storage.store import open_artifact
 
+    art = open_artifact(ref.path)
+    art.verify_files(relpath)
+    return str(art.file_path(relpath))
+
+
+def teacher_model_path(cfg: PipelineConfig, upstream: dict[str, StageRef]) -> str:
+    """The teacher to load: the fine-tuned one of teacher_sft (checked), else the configured
+    pretrained one."""
     if "teacher_sft" in upstream:
-        return str(Path(upstream["teacher_sft"].path) / "model")
+        return checked_files(upstream["teacher_sft"], "model")
     return cfg.teacher.pretrained
 
 
 def tokenizer_path(cfg: PipelineConfig, side: str, upstream: dict[str, StageRef]) -> str:
-    """Where ``side``'s tokenizer is: trained by prepare (scratch models) or the pretrained's."""
-    from pathlib import Path
-
+    """Where ``side``'s tokenizer is: trained by prepare (scratch models; checked) or the
+    pretrained model's."""
     model = cfg.teacher if side == "teacher" else cfg.student
     if model.scratch is not None:
-        return str(Path(upstream["prepare"].path) / "tokenizers" / side)
+        return checked_files(upstream["prepare"], f"tokenizers/{side}")
     return model.pretrained
 
 
@@ -207,8 +215,9 @@ def teacher_tensors(cache_artifact, device: str):
     """(embedding matrix, LM head or None) of the teacher, saved beside its cache, as float32."""
     import torch
 
-    from storage.teacher_embeddings import load_teacher_embeddings
+    from storage.teacher_embeddings import TEACHER_EMBEDDINGS, load_teacher_embeddings
 
+    cache_artifact.verify_files(TEACHER_EMBEDDINGS)
     emb = load_teacher_embeddings(cache_artifact)
     embed = emb["embed"].to(device=device, dtype=torch.float32)
     head = emb.get("lm_head")

@@ -11,7 +11,6 @@ the OT terms' health, and an OT transport plan of the main student.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 from prefect import task
@@ -23,7 +22,8 @@ from cot2align_core.evaluation import (decodings, generate_answers, paired_diffe
                                        reference_pairs, summary_table)
 from storage.schemas import generations_table, read_rows
 from storage.store import open_artifact
-from tasks.common import StageRef, fitted_rows, logger, resolve_device, teacher_model_path
+from tasks.common import (StageRef, checked_files, fitted_rows, logger, resolve_device,
+                          teacher_model_path)
 from tasks.registry import StageKey
 from tasks.report import write_evaluation_report
 from tasks.stage import Progress, publish_table, run_stage
@@ -43,7 +43,7 @@ def models_to_evaluate(cfg: PipelineConfig, upstream: dict[str, StageRef]) -> li
     for key, ref in upstream.items():
         k = StageKey.parse(key)
         if k.stage == "distill":
-            models.append(ModelToEvaluate(k.label, k.seed, str(Path(ref.path) / "model"),
+            models.append(ModelToEvaluate(k.label, k.seed, checked_files(ref, "model"),
                                           cfg.student.dtype))
     if cfg.evaluate.include_teacher:
         models.append(ModelToEvaluate("teacher", None, teacher_model_path(cfg, upstream),

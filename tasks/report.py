@@ -13,7 +13,8 @@ import torch
 
 from cot2align_core.config import PipelineConfig
 from storage.store import open_artifact
-from tasks.common import StageRef, build_objective, logger, teacher_tensors, tokenizer_path
+from tasks.common import (StageRef, build_objective, checked_files, logger, teacher_tensors,
+                          tokenizer_path)
 from tasks.registry import StageKey
 
 # History keys that are bookkeeping, not loss terms.
@@ -71,6 +72,8 @@ def transport_plan_png(cfg: PipelineConfig, upstream: dict[str, StageRef], out_p
     if not objective_cfg.uses_ot or str(main) not in upstream:
         return False
     distill = Path(upstream[str(main)].path)
+    checked_files(upstream[str(main)], "model")
+    checked_files(upstream[str(main)], "objective.pt")
     cache = open_artifact(upstream["cache_teacher"].path)
     dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path), cache)
     form = "cot" if any(k[1] == "cot" for k in dataset.teacher.keys()) else "standard"
