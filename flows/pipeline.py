@@ -11,11 +11,13 @@ decide what is reused and what is recomputed.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from cot2align_core.config import ConfigError, PipelineConfig, load_config
+from storage.errors import CorruptDataError
 from tasks.common import StageRef, logger, preflight, upstream_refs
 from tasks.registry import STAGES, StageKey, StageSpec, instances, plan, spec, upstream_keys
 from tasks.stage import open_store
@@ -51,6 +53,32 @@ def _summary_markdown(cfg: PipelineConfig, refs: dict[str, StageRef]) -> str:
     return "\n".join(lines)
 
 
+def _run_all(cfg: PipelineConfig, fps: dict[StageKey, str], forced: set[str]) -> dict[str, StageRef]:
+    refs: dict[str, StageRef] = {}
+    for stage in STAGES:
+        keys = instances(cfg, stage)
+        if not keys:
+            continue
+        ups = {k: {u: refs[u] for u in map(str, upstream_keys(cfg, k))} for k in keys}
+        refs.update(_run_instances(cfg, stage, keys, fps, ups, forced))
+    return refs
+
+
+#: Damaged files a run repairs by itself before it gives up.
+MAX_REPAIRS = 3
+
+
+def repair(store, err: CorruptDataError) -> None:
+    """Drop the damaged shard (or side file) that a stage found while reading, so that the
+    rerun of the stage loop recomputes exactly that (and sets aside what was built from it);
+    nothing read from it was used."""
+    stage, fp = Path(err.artifact).parts[-2:]
+    name = err.relpath[: -len(".parquet")] if err.relpath.endswith(".parquet") else err.relpath
+    logger().warning("%s; repairing: %s/%s loses %s and the stages from it run again",
+                     err.reason, stage, fp, name)
+    store.invalidate_shards(stage, fp, [name])
+
+
 @contextmanager
 def recorded_run(store, config_path: str, cfg: PipelineConfig, fps: dict[StageKey, str],
                  scope: str, overrides: list[str] | None):
@@ -81,12 +109,14 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None,
     forced = set(force or [])
     refs: dict[str, StageRef] = {}
     with recorded_run(store, config_path, cfg, fps, "run", overrides):
-        for stage in STAGES:
-            keys = instances(cfg, stage)
-            if not keys:
-                continue
-            ups = {k: {u: refs[u] for u in map(str, upstream_keys(cfg, k))} for k in keys}
-            refs.update(_run_instances(cfg, stage, keys, fps, ups, forced))
+        for attempt in range(MAX_REPAIRS + 1):
+            try:
+                refs = _run_all(cfg, fps, forced if attempt == 0 else set())
+                break
+            except CorruptDataError as err:
+                if attempt == MAX_REPAIRS:
+                    raise
+                repair(store, err)
     create_markdown_artifact(_summary_markdown(cfg, refs), key="cot2align-run-summary",
                              description=f"cot2align pipeline run of {cfg.name}")
     return {k: r.to_dict() for k, r in refs.items()}

@@ -38,6 +38,9 @@ class CorruptDataError(StoreError):
             f"`cot2align verify --repair {artifact}` drops what is damaged, then "
             f"`cot2align stage {stage} CONFIG` (or `cot2align run CONFIG`) {redo}.")
 
+    def __reduce__(self):  # picklable across processes (task runners) with its fields
+        return (type(self), (self.artifact, self.relpath, self.reason))
+
 
 class StoreWriteError(StoreError):
     """Writing into the store failed at the OS level (disk full, I/O error, read-only); the

@@ -158,9 +158,10 @@ def kill_point(stage: str, event: str, count: int) -> None:
     """Crash-test hook: SIGKILL this process when ``COT2ALIGN_KILL_AT`` is ``stage:event:count``.
 
     The stages call it after each committed shard (``generate:shard:N``,
-    ``cache_teacher:shard:N``) and after each optimizer step (``distill:step:N``,
-    ``teacher_sft:step:N``), so tests can kill a real run at a precise point and check that the
-    resumed run ends where an uninterrupted one does. Unset, it does nothing.
+    ``cache_teacher:shard:N``), after each optimizer step (``distill:step:N``,
+    ``teacher_sft:step:N``) and once training is done and saved but not yet committed
+    (``distill:trained:N``), so tests can kill a real run at a precise point and check that
+    the resumed run ends where an uninterrupted one does. Unset, it does nothing.
     """
     import os
     import signal

@@ -103,6 +103,7 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     tokenizer.save_pretrained(out)
     w.add_file("model")
     w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
+    kill_point(StageKey.parse(label).stage, "trained", result.steps_done)  # crash tests
     # The checkpoints stay until the artifact commits (the store removes them then): a kill
     # from here to the commit resumes at the last step instead of training again.
     return result
