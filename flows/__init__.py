@@ -2,9 +2,14 @@
 
 Importing this package before Prefect configures its logging routes the project's own loggers
 (``cot2align``: stage and store messages; ``cot2align_core``: training, generation) through
-Prefect's handlers, so that they reach the console and the run's logs in the UI.
+Prefect's handlers, so that they reach the console and the run's logs in the UI; when stderr
+is not a terminal, progress bars are off (a log gets one line per event, not redraws).
 """
 import os
+import sys
+
+if not sys.stderr.isatty():  # a log file or a worker: no progress-bar redraws in it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
 
 _OURS = ("cot2align", "cot2align_core")
 _extra = [x for x in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if x]

@@ -18,6 +18,7 @@ training. A markdown summary is published as a Prefect artifact.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -127,7 +128,8 @@ class Progress:
 
         self.total = max(total, 1)
         self.done = 0
-        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())  # bars on a terminal only
         self._artifact = None
         if _in_prefect_run():
             from prefect.artifacts import create_progress_artifact

@@ -300,9 +300,11 @@ def test_write_report(tmp_path):
     assert "![Metrics](figures/bars.png)" in text
     assert "image not found" in text and "nowhere.png" in text
     # stages
-    assert "| generate | `/store/generate/0123456789abcdef0123` | `0123456789ab` | 12 min 34 s" \
-        in text
-    assert "steps=300, epochs=2" in text
+    # stages: one row each, its own figures in one cell (no wide table of empty cells)
+    assert "| stage | fingerprint | seconds | figures |" in text
+    assert ("| generate | `0123456789ab` | 12 min 34 s | "
+            "artifact=`/store/generate/0123456789abcdef0123`, rows=1000 |") in text
+    assert "counts: steps=300, epochs=2" in text
     # configuration flattened
     assert "| train.lr | 0.0005 |" in text and "| seeds | [0, 1, 2, 3, 4] |" in text
     # samples: the fence outgrows backticks inside; long texts cut with their length noted
