@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -75,6 +76,17 @@ def human_age(seconds: float) -> str:
 def _short(text: Any, limit: int = TEXT_CHARS) -> str:
     text = str(text)
     return text if len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
+
+
+def _json_value(v: Any) -> Any:
+    """A sample cell as JSON keeps its type: numbers stay numbers (NaN and inf become None,
+    JSON has no such values), booleans and None stay; long text is cut, other values are
+    shown as text."""
+    if v is None or isinstance(v, (bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    return _short(v, 200)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -294,7 +306,7 @@ def inspect_artifact(fs: LocalFS, path: str, rows: int = 3,
             elif table_kind == "teacher_cache":
                 entry["samples"] = _sample_teacher_cache(batch)
             else:
-                entry["samples"] = [{k: _short(v, 200) for k, v in r.items()}
+                entry["samples"] = [{k: _json_value(v) for k, v in r.items()}
                                     for r in batch.to_pylist()]
         summary["kinds"][kind] = entry
     return summary

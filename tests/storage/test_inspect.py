@@ -135,3 +135,19 @@ def test_module_entry_point(filled):
     bad = subprocess.run([sys.executable, "-m", "storage.inspect", "verify", str(path)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "rationales-00000: missing" in bad.stdout
+
+
+def test_inspect_json_keeps_numbers_as_numbers(store, capsys):
+    """Generic tables (metrics, generations...) sampled in --json: numbers stay numbers, NaN
+    becomes null (JSON has no NaN), text stays text."""
+    import pyarrow as pa
+
+    table = pa.table({"model": ["a", "b"], "mean": [71.5, float("nan")], "n_seeds": [3, 1],
+                      "ok": [True, False], "reference": ["11", "7"]})
+    with store.writer("evaluate", "ev1", params={}) as w:
+        w.write_shard("metrics", table, kind="metrics")
+    assert run_cli("inspect", str(store.path("evaluate", "ev1")), "--json", "--rows", "2") == 0
+    samples = json.loads(capsys.readouterr().out)["kinds"]["metrics"]["samples"]
+    assert samples[0] == {"model": "a", "mean": 71.5, "n_seeds": 3, "ok": True,
+                          "reference": "11"}
+    assert samples[1]["mean"] is None
