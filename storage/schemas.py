@@ -24,9 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from cot2align_core.prompts import FORMS  # the example forms are the method's: one definition
 from storage.errors import StoreError
 
-FORMS = ("standard", "cot")
 SIDES = ("teacher", "student")
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32")
 TOPK_LOGIT_DTYPES = ("float16", "float32")
