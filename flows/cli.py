@@ -7,6 +7,12 @@
     cot2align verify PATH                re-hash shards against the manifest
     cot2align ls [STORE]                 artifacts in a store (--garbage: unreferenced ones)
     cot2align gc [STORE] --yes           remove unreferenced artifacts
+    cot2align prefect-setup [--gpu-slots N] [--crash-reruns N] [--rerun-after S] [--webhook-url URL]
+                                         work pools, gpu limit, automations on the server
+    cot2align worker --pool POOL         a process worker that SIGTERM stops cleanly
+
+`run` and `stage` use the Prefect server of PREFECT_API_URL when it is set, else start a
+temporary one for the command (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, 120 s here).
 """
 from __future__ import annotations
 
@@ -50,12 +56,27 @@ def _check(config: str, overrides) -> None:
     preflight(load_config(config, overrides))
 
 
+def _say_server() -> None:
+    """Which Prefect server the flows will report to, on stderr."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        print(f"cot2align: Prefect server {url} (PREFECT_API_URL)", file=sys.stderr)
+    else:
+        timeout = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+        print(f"cot2align: no PREFECT_API_URL: starting a temporary Prefect server for this "
+              f"command (start-up timeout {timeout} s); set PREFECT_API_URL to use a running "
+              "one", file=sys.stderr)
+
+
 def _cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
 
     t0 = time.time()
     config = args.config or _default_config()
     _check(config, args.set)
+    _say_server()
     results = pipeline_flow(config, args.set or None, args.force or None)
     _print_summary(results, time.time() - t0)
     return 0
@@ -64,6 +85,7 @@ def _cmd_run(args) -> int:
 def _cmd_stage(args) -> int:
     t0 = time.time()
     _check(args.config, args.set)
+    _say_server()
     if args.student is not None:
         if args.name != "distill":
             raise SystemExit("cot2align: error: --student applies to the distill stage only")
@@ -90,6 +112,37 @@ def _cmd_plan(args) -> int:
         state = "complete" if store.get(key.stage, fp) is not None else "missing"
         print(f"{str(key):<32}{fp}  {state}")
     return 0
+
+
+def _cmd_prefect_setup(args) -> int:
+    from prefect.settings import get_current_settings
+
+    from flows.deployments import setup
+
+    if not get_current_settings().api.url:
+        raise SystemExit("cot2align: error: prefect-setup configures a running Prefect server: "
+                         "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    if args.gpu_slots < 1 or args.crash_reruns < 0:
+        raise SystemExit("cot2align: error: --gpu-slots must be >= 1 and --crash-reruns >= 0")
+    from datetime import timedelta
+
+    from flows.pipeline import env_number
+
+    if args.rerun_after is None:
+        args.rerun_after = env_number("COT2ALIGN_RERUN_AFTER_S", 20)
+    if args.rerun_after < 10:
+        raise SystemExit("cot2align: error: --rerun-after must be >= 10 (Prefect's minimum)")
+    setup(gpu_slots=args.gpu_slots, crash_reruns=args.crash_reruns,
+          webhook_url=args.webhook_url or os.environ.get("COT2ALIGN_WEBHOOK_URL") or None,
+          quiet=timedelta(seconds=args.rerun_after))
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    from flows.worker import serve
+
+    _say_server()
+    return serve(args.pool, name=args.name, limit=args.limit, grace_s=args.grace)
 
 
 def _stage_or_instance(text: str) -> str:
@@ -128,6 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_plan)
 
+    p = sub.add_parser("prefect-setup", help="create or update the work pools, the gpu tag "
+                                             "concurrency limit and the automations (idempotent)")
+    p.add_argument("--gpu-slots", type=int, default=1, metavar="N",
+                   help="stage tasks tagged gpu that may run at once, all workers together")
+    p.add_argument("--crash-reruns", type=int, default=3, metavar="N",
+                   help="reschedule a crashed run while its run count is <= N (0: never)")
+    p.add_argument("--rerun-after", type=float, metavar="SECONDS", help="reschedule a crashed run when it stayed crashed this long "
+                        "(default: $COT2ALIGN_RERUN_AFTER_S or 20)")
+    p.add_argument("--webhook-url", metavar="URL",
+                   help="post Failed and Crashed runs here (default: $COT2ALIGN_WEBHOOK_URL)")
+    p.set_defaults(func=_cmd_prefect_setup)
+
+    p = sub.add_parser("worker", help="a Prefect process worker; SIGTERM stops its runs at the "
+                                      "next step, keeping their checkpoints, then the worker")
+    p.add_argument("--pool", required=True, help="work pool, e.g. cot2align-cpu or cot2align-gpu")
+    p.add_argument("--name", help="worker name (default: Prefect's)")
+    p.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+    p.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
+                   help="after SIGTERM, how long runs may take to stop before SIGKILL")
+    p.set_defaults(func=_cmd_worker)
+
     add_subcommands(sub)
     return parser
 
@@ -135,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Under CPU load the temporary server misses Prefect's 20 s default start-up timeout.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     from cot2align_core.config import ConfigError

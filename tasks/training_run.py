@@ -73,22 +73,25 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     """Train ``model`` (resuming from the artifact's checkpoints), then write ``model/``
     (save_pretrained, LoRA merged in) and the ``history`` shard; the checkpoints (optimizer
     state) are removed once the result is saved. Returns the TrainResult."""
-    from cot2align_core.training import train
+    from cot2align_core.training import list_checkpoints, train
 
     import math
 
-    from tasks.stage import Progress
+    from tasks.stage import Progress, stop_at_step_boundary
 
     ckpt = w.file_path("checkpoints")
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
-    with Progress(total, f"{label}: training steps") as bar:
+    if found := list_checkpoints(ckpt):
+        logger().info("%s: resuming from the checkpoint of step %d (%s)", label, *found[-1])
+    with Progress(total, f"{label}: training steps") as bar, stop_at_step_boundary() as check:
         stage = StageKey.parse(label).stage
 
         def on_log(rec: dict) -> None:
             kill_point(stage, "step", rec["step"])
             log(rec)
             bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
+            check()  # SIGTERM: stop here, between two steps
 
         result = train(model, loss_fn, data, collate_fn=collate_fn,
                        extra_param_groups=extra_param_groups, checkpoint_dir=ckpt,
