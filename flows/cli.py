@@ -115,26 +115,25 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_prefect_setup(args) -> int:
+    from datetime import timedelta
+
     from prefect.settings import get_current_settings
 
     from flows.deployments import setup
+    from flows.pipeline import env_number
 
     if not get_current_settings().api.url:
         raise SystemExit("cot2align: error: prefect-setup configures a running Prefect server: "
                          "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
-    if args.gpu_slots < 1 or args.crash_reruns < 0:
-        raise SystemExit("cot2align: error: --gpu-slots must be >= 1 and --crash-reruns >= 0")
-    from datetime import timedelta
-
-    from flows.pipeline import env_number
-
-    if args.rerun_after is None:
-        args.rerun_after = env_number("COT2ALIGN_RERUN_AFTER_S", 20)
-    if args.rerun_after < 10:
-        raise SystemExit("cot2align: error: --rerun-after must be >= 10 (Prefect's minimum)")
+    rerun_after = args.rerun_after
+    if rerun_after is None:
+        rerun_after = env_number("COT2ALIGN_RERUN_AFTER_S", 20)
+    if args.gpu_slots < 1 or args.crash_reruns < 0 or rerun_after < 10:
+        raise SystemExit("cot2align: error: --gpu-slots must be >= 1, --crash-reruns >= 0 and "
+                         "--rerun-after >= 10 (Prefect's minimum)")
     setup(gpu_slots=args.gpu_slots, crash_reruns=args.crash_reruns,
           webhook_url=args.webhook_url or os.environ.get("COT2ALIGN_WEBHOOK_URL") or None,
-          quiet=timedelta(seconds=args.rerun_after))
+          quiet=timedelta(seconds=rerun_after))
     return 0
 
 

@@ -7,6 +7,7 @@ the manifest is committed last. A markdown summary is published as a Prefect art
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from contextlib import contextmanager
@@ -169,12 +170,23 @@ def stop_at_step_boundary() -> Iterator[Callable[[], None]]:
             received.clear()
             logger().warning("SIGTERM received: stopped after this step; the artifact's "
                              "checkpoints are kept and a rerun resumes from the last one")
+            _send_logs()  # the process dies right after Prefect records the crash
             raise TerminationSignal(signal=signal.SIGTERM)
 
     try:
         yield check
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _send_logs() -> None:
+    """Send the run's queued log records to the Prefect API now (waits up to 5 s)."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception as err:  # no API, or it failed: the records stay on the console
+        logging.getLogger("cot2align").debug("could not send the logs: %s", err)
 
 
 def kill_point(stage: str, event: str, count: int) -> None:
