@@ -102,13 +102,27 @@ class Webhook(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/hook"
 
 
+class Api(httpx.Client):
+    """The server's REST API; retries what a busy SQLite server answers with 503 (Prefect's
+    own client does the same)."""
+
+    def request(self, method, url, **kwargs) -> httpx.Response:
+        for attempt in range(8):
+            response = super().request(method, url, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        response.raise_for_status()
+        return response
+
+
 @dataclass
 class Deployed:
     tmp: Path
     snapshot: Path
     store: Path
     env: dict
-    api: httpx.Client
+    api: Api
     webhook: Webhook
     commands: list[str]
     times: dict[str, float] = field(default_factory=dict)
@@ -134,10 +148,8 @@ class Deployed:
 
     def create_run(self, deployment: str, **parameters) -> str:
         dep = self.deployment(deployment)
-        r = self.api.post(f"/deployments/{dep['id']}/create_flow_run",
-                          json={"parameters": parameters})
-        r.raise_for_status()
-        return r.json()["id"]
+        return self.api.post(f"/deployments/{dep['id']}/create_flow_run",
+                             json={"parameters": parameters}).json()["id"]
 
     def flow_run(self, run_id: str) -> dict:
         return self.api.get(f"/flow_runs/{run_id}").json()
@@ -152,10 +164,6 @@ class Deployed:
         tail = log.read_text()[-4000:] if log else ""
         raise AssertionError(f"flow run {run_id} is {run['state']} after {timeout} s, not "
                              f"{names}\n{tail}")
-
-    def logs(self, run_id: str) -> str:
-        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
-        return "\n".join(r["message"] for r in self.api.post("/logs/filter", json=body).json())
 
     def task_runs(self, run_id: str) -> list[dict]:
         body = {"flow_runs": {"id": {"any_": [run_id]}}}
@@ -204,9 +212,9 @@ def wait_healthy(api: httpx.Client, server: subprocess.Popen, timeout: float) ->
     while time.monotonic() < deadline:
         assert server.poll() is None, server.log.read_text()[-3000:]
         try:
-            if api.get("/health").status_code == 200:
-                return
-        except httpx.TransportError:
+            api.get("/health")
+            return
+        except (httpx.TransportError, httpx.HTTPStatusError):
             pass
         time.sleep(1)
     raise AssertionError(f"server not healthy after {timeout} s: {server.log.read_text()[-3000:]}")
@@ -216,18 +224,13 @@ def wait_healthy(api: httpx.Client, server: subprocess.Popen, timeout: float) ->
 def deployed(tmp_path_factory):
     if shutil.which("git") is None:
         pytest.skip("git is needed: workers get the code by a git_clone pull step")
-    import sqlalchemy
-
-    assert sqlalchemy.__version__ < "2.1", (
-        f"SQLAlchemy {sqlalchemy.__version__} breaks Prefect's scheduler; pyproject.toml pins "
-        "<2.1: reinstall (make install)")
     exports, commands = readme_recipe()
     assert exports == RECIPE_EXPORTS and commands == RECIPE_COMMANDS, (exports, commands)
     tmp = tmp_path_factory.mktemp("deployed")
     snapshot = snapshot_repo(tmp / "repo")
     port, webhook = free_port(), Webhook()
     env = recipe_env(tmp, snapshot, tmp / "store", port, webhook)
-    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    api = Api(base_url=env["PREFECT_API_URL"], timeout=30)
     d = Deployed(tmp, snapshot, tmp / "store", env, api, webhook, commands)
     t0 = time.monotonic()
     try:
@@ -278,7 +281,10 @@ def test_deployments_match_the_registry_and_the_scheduler_creates_nightly_runs(d
         if not future:
             time.sleep(2)
     d.times["scheduled runs after deploy"] = time.monotonic() - t0
-    assert future, "the scheduler created no run of the nightly deployment"
+    import sqlalchemy
+
+    assert future, (f"the scheduler created no run of the nightly deployment (SQLAlchemy "
+                    f"{sqlalchemy.__version__}; pyproject.toml pins <2.1)")
     assert all(r["parameters"]["config_path"] == "configs/demo.yaml" for r in future)
 
 
@@ -315,8 +321,8 @@ def test_a_cpu_worker_runs_stage_deployments_from_its_own_clone(deployed, cpu_ru
     assert list(d.store.glob("prepare/*/manifest.json"))
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d.snapshot,
                           capture_output=True, text=True).stdout.strip()
-    m = re.search(r"cot2align code at (\S+) \(git (\w+)\)", d.logs(runs["prepare"]))
-    assert m and m[2] == head, d.logs(runs["prepare"])
+    m = re.search(r"cot2align code at (\S+) \(git (\w+)\)", worker.log.read_text())
+    assert m and m[2] == head, worker.log.read_text()[-4000:]
     assert not Path(m[1]).is_relative_to(REPO) and not Path(m[1]).is_relative_to(d.snapshot)
     assert not Path(m[1]).exists()  # the run's clone went with its working directory
     (task,) = d.task_runs(runs["prepare"])
@@ -333,7 +339,7 @@ def test_a_run_without_its_upstream_fails_at_once_and_is_posted_to_the_webhook(d
     d, (runs, _) = deployed, cpu_runs
     run = d.flow_run(runs["tokenize"])
     assert run["state"]["name"] == "Failed"
-    assert "cot2align stage generate" in d.logs(runs["tokenize"])  # what to run first
+    assert "cot2align stage generate" in run["state"]["message"]  # what to run first
     assert run["run_count"] == 1 and d.task_runs(runs["tokenize"]) == []  # failed up front
     body = d.notified(run["name"], "Failed")
     assert "tokenize" in body["text"]
@@ -362,9 +368,10 @@ def test_sigterm_stops_training_and_the_crashed_run_resumes_on_another_worker(de
     done = d.wait_state(run_id, {"Completed", "Failed", "Crashed"}, 300, second.log)
     d.times["rerun to Completed"] = time.monotonic() - t0
     assert done["state"]["name"] == "Completed" and done["run_count"] == 2
-    logs = d.logs(run_id)
-    assert "SIGTERM received: stopped after this step" in logs
-    step = int(re.search(r"resuming from the checkpoint of step (\d+)", logs)[1])
+    # The flow-run processes' console (the API's copy of the logs can miss records when
+    # SQLite is locked, see the README).
+    assert "SIGTERM received: stopped after this step" in worker.log.read_text()
+    step = int(re.search(r"resuming from the checkpoint of step (\d+)", second.log.read_text())[1])
     assert 10 <= step < 200
     assert (art / "manifest.json").exists() and not (art / "checkpoints").exists()
     body = {"artifacts": {"key": {"any_": ["progress-teacher-sft-training-steps"]}}}
