@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage tasks tagged gpu that may run at once, all workers together")
     p.add_argument("--crash-reruns", type=int, default=3, metavar="N",
                    help="reschedule a crashed run while its run count is <= N (0: never)")
-    p.add_argument("--rerun-after", type=float, metavar="SECONDS", help="reschedule a crashed run when it stayed crashed this long "
+    p.add_argument("--rerun-after", type=float, metavar="SECONDS",
+                   help="reschedule a crashed run when it stayed crashed this long "
                         "(default: $COT2ALIGN_RERUN_AFTER_S or 20)")
     p.add_argument("--webhook-url", metavar="URL",
                    help="post Failed and Crashed runs here (default: $COT2ALIGN_WEBHOOK_URL)")

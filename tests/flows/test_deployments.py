@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import cloudpickle
 import pytest
 import yaml
 from prefect.exceptions import TerminationSignal
@@ -76,6 +77,8 @@ def test_stage_tasks_are_named_by_instance_tagged_and_bounded():
     assert set(prepare.tags) == {"cot2align", "stage:prepare"}
     assert prepare.retries == 2 and prepare.timeout_seconds == 24 * 3600
     assert prepare.retry_condition_fn is retry_crash_types
+    # distill.parallel > 1 ships the task to worker processes.
+    assert cloudpickle.loads(cloudpickle.dumps(distill)).name == "distill"
 
 
 @pytest.mark.parametrize("exc, retried", [
