@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tasks.registry import STAGES, StageSpec
+from tasks.registry import StageSpec
 
 TAG = "cot2align"
 CPU_POOL, GPU_POOL = "cot2align-cpu", "cot2align-gpu"
@@ -163,5 +163,3 @@ def setup(gpu_slots: int = 1, crash_reruns: int = 3, webhook_url: str | None = N
             "not created, failures reach no one")
     return done
 
-
-STAGE_POOLS = {s.name: pool_of(s) for s in STAGES}

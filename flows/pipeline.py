@@ -15,12 +15,13 @@ resumes from the artifact's finished shards and checkpoints), bounded by a timeo
 as ``Cached`` when the artifact already existed. Retries and timeouts come from environment
 variables (job variables of a deployment), read when a flow runs:
 
-=============================  =======  ==============================================
-``COT2ALIGN_STAGE_RETRIES``    2        retries of a stage after a crash-type error
-``COT2ALIGN_STAGE_RETRY_DELAY_S`` 30    seconds between them
-``COT2ALIGN_STAGE_TIMEOUT_H``  24       hours one stage instance may run
-``COT2ALIGN_FLOW_TIMEOUT_H``   72       hours one flow run may run (read at import)
-=============================  =======  ==============================================
+- ``COT2ALIGN_STAGE_RETRIES`` (2): retries of a stage after a crash-type error;
+- ``COT2ALIGN_STAGE_RETRY_DELAY_S`` (30): seconds between them;
+- ``COT2ALIGN_STAGE_TIMEOUT_H`` (24): hours one stage instance may run;
+- ``COT2ALIGN_FLOW_TIMEOUT_H`` (72): hours one flow run may run (read when this module loads).
+
+A crashed flow run (its process killed) is not retried by Prefect; the ``cot2align-rerun-crashed``
+automation (:mod:`flows.deployments`) reschedules it.
 """
 from __future__ import annotations
 
