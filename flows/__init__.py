@@ -11,6 +11,9 @@ import sys
 if not sys.stderr.isatty():  # a log file or a worker: no progress-bar redraws in it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
 
+# Outside a flow run (tests, notebooks) these loggers log to the console only, silently.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
 _OURS = ("cot2align", "cot2align_core")
 _extra = [x for x in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if x]
 os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(_extra + [x for x in _OURS if x not in _extra])

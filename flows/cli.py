@@ -7,6 +7,12 @@
     cot2align verify PATH                re-hash shards against the manifest
     cot2align ls [STORE]                 artifacts in a store (--garbage: unreferenced ones)
     cot2align gc [STORE] --yes           remove unreferenced artifacts
+    cot2align prefect-setup [--gpu-slots N] [--crash-reruns N] [--rerun-after S] [--webhook-url URL]
+                                         work pools, gpu limit, automations on the server
+    cot2align worker --pool POOL         a process worker that SIGTERM stops cleanly
+
+`run` and `stage` use the Prefect server of PREFECT_API_URL when it is set, else start a
+temporary one for the command (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, 120 s here).
 """
 from __future__ import annotations
 
@@ -52,29 +58,28 @@ def _check(config: str, overrides) -> None:
 
 def _cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
+    from flows.server import prefect_server
 
     t0 = time.time()
     config = args.config or _default_config()
     _check(config, args.set)
-    results = pipeline_flow(config, args.set or None, args.force or None)
+    with prefect_server():
+        results = pipeline_flow(config, args.set or None, args.force or None)
     _print_summary(results, time.time() - t0)
     return 0
 
 
 def _cmd_stage(args) -> int:
+    from flows.pipeline import STAGE_FLOWS
+    from flows.server import prefect_server
+
     t0 = time.time()
     _check(args.config, args.set)
-    if args.student is not None:
-        if args.name != "distill":
-            raise SystemExit("cot2align: error: --student applies to the distill stage only")
-        from flows.pipeline import run_single_stage
-
-        results = run_single_stage("distill", args.config, args.set or None, args.force,
-                                   only=args.student)
-    else:
-        from flows.pipeline import STAGE_FLOWS
-
-        results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force)
+    if args.student is not None and args.name != "distill":
+        raise SystemExit("cot2align: error: --student applies to the distill stage only")
+    with prefect_server():
+        results = STAGE_FLOWS[args.name](args.config, args.set or None, args.force,
+                                         student=args.student)
     _print_summary(results, time.time() - t0)
     return 0
 
@@ -92,6 +97,37 @@ def _cmd_plan(args) -> int:
                  else f"{report.status}: will {report.action}")
         print(f"{str(key):<32}{fp}  {state}")
     return 0
+
+
+def _cmd_prefect_setup(args) -> int:
+    from datetime import timedelta
+
+    from prefect.settings import get_current_settings
+
+    from flows.deployments import setup
+    from flows.pipeline import env_number
+
+    if not get_current_settings().api.url:
+        raise SystemExit("cot2align: error: prefect-setup configures a running Prefect server: "
+                         "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    rerun_after = args.rerun_after
+    if rerun_after is None:
+        rerun_after = env_number("COT2ALIGN_RERUN_AFTER_S", 20)
+    if args.gpu_slots < 1 or args.crash_reruns < 0 or rerun_after < 10:
+        raise SystemExit("cot2align: error: --gpu-slots must be >= 1, --crash-reruns >= 0 and "
+                         "--rerun-after >= 10 (Prefect's minimum)")
+    setup(gpu_slots=args.gpu_slots, crash_reruns=args.crash_reruns,
+          webhook_url=args.webhook_url or os.environ.get("COT2ALIGN_WEBHOOK_URL") or None,
+          quiet=timedelta(seconds=rerun_after))
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    from flows.server import prefect_server
+    from flows.worker import serve
+
+    with prefect_server():
+        return serve(args.pool, name=args.name, limit=args.limit, grace_s=args.grace)
 
 
 def _stage_or_instance(text: str) -> str:
@@ -130,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_plan)
 
+    p = sub.add_parser("prefect-setup", help="create or update the work pools, the gpu tag "
+                                             "concurrency limit and the automations (idempotent)")
+    p.add_argument("--gpu-slots", type=int, default=1, metavar="N",
+                   help="stage tasks tagged gpu that may run at once, all workers together")
+    p.add_argument("--crash-reruns", type=int, default=3, metavar="N",
+                   help="reschedule a crashed run while its run count is <= N (0: never)")
+    p.add_argument("--rerun-after", type=float, metavar="SECONDS",
+                   help="reschedule a crashed run when it stayed crashed this long "
+                        "(default: $COT2ALIGN_RERUN_AFTER_S or 20)")
+    p.add_argument("--webhook-url", metavar="URL",
+                   help="post Failed and Crashed runs here (default: $COT2ALIGN_WEBHOOK_URL)")
+    p.set_defaults(func=_cmd_prefect_setup)
+
+    p = sub.add_parser("worker", help="a Prefect process worker; SIGTERM stops its runs at the "
+                                      "next step, keeping their checkpoints, then the worker")
+    p.add_argument("--pool", required=True, help="work pool, e.g. cot2align-cpu or cot2align-gpu")
+    p.add_argument("--name", help="worker name (default: Prefect's)")
+    p.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+    p.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
+                   help="after SIGTERM, how long runs may take to stop before SIGKILL")
+    p.set_defaults(func=_cmd_worker)
+
     add_subcommands(sub)
     return parser
 
@@ -137,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Under CPU load the temporary server misses Prefect's 20 s default start-up timeout.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     from cot2align_core.config import ConfigError

@@ -17,10 +17,12 @@ training. A markdown summary is published as a Prefect artifact.
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from cot2align_core.config import PipelineConfig
 from storage.store import ArtifactStore
@@ -106,7 +108,7 @@ def _publish(label: str, art, summary: dict[str, Any], seconds: float) -> None:
     from prefect.artifacts import create_markdown_artifact
     lines = [f"## {label}", "", f"- artifact: `{art.path}`", f"- seconds: {seconds:.1f}"]
     lines += [f"- {k}: {v}" for k, v in summary.items() if not isinstance(v, (dict, list))]
-    key = "stage-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    key = "stage-" + artifact_key(label)
     create_markdown_artifact("\n".join(lines), key=key, description=f"{label} stage output")
 
 
@@ -120,31 +122,55 @@ def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> Non
                            for r in rows], key=key, description=description)
 
 
+def artifact_key(text: str) -> str:
+    """A Prefect artifact key from free text: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 class Progress:
-    """A tqdm bar on the terminal and a Prefect progress artifact inside a run."""
+    """A tqdm bar on the terminal and a Prefect progress artifact inside a run.
+
+    The artifact's key is ``progress-<desc>`` (``progress-distill-sft-seed-0-training-steps``),
+    so the UI shows one history per loop across runs. When the loop ends by an exception (a
+    failed step, a timeout, SIGTERM) its description says where it stopped and why.
+    """
 
     def __init__(self, total: int, desc: str):
         from tqdm.auto import tqdm
 
         self.total = max(total, 1)
         self.done = 0
+        self.desc = desc
         self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
                         disable=not sys.stderr.isatty())  # bars on a terminal only
         self._artifact = None
+        self._percent = 0
         if _in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
-            self._artifact = create_progress_artifact(0.0, description=desc)
+            self._artifact = create_progress_artifact(0.0, key=f"progress-{artifact_key(desc)}",
+                                                      description=desc)
 
     def update(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
         percent = int(100 * self.done / self.total)
-        if self._artifact is not None and percent != getattr(self, "_percent", None):
+        if self._artifact is not None and percent != self._percent:
             from prefect.artifacts import update_progress_artifact
 
             self._percent = percent  # one API call per whole percent, not per step
             update_progress_artifact(self._artifact, float(percent))
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the artifact as stopped at its current percentage by ``exc``."""
+        if self._artifact is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        why = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+        update_progress_artifact(self._artifact, float(self._percent),
+                                 description=f"FAILED at {self._percent}% ({why[:200]}): "
+                                             f"{self.desc}")
 
     def close(self) -> None:
         self.bar.close()
@@ -152,8 +178,63 @@ class Progress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.close()
+        if exc is not None:
+            try:
+                self.fail(exc)
+            except Exception as err:  # the API may be what failed; the original error wins
+                logger().warning("could not mark the progress artifact failed: %s", err)
+
+
+@contextmanager
+def stop_at_step_boundary() -> Iterator[Callable[[], None]]:
+    """Inside the block, SIGTERM stops the loop at its next step instead of mid-step.
+
+    A worker shutting down (``cot2align worker``), a cancel from the UI or a container
+    runtime sends SIGTERM to the flow-run process. Prefect's own handler raises at once,
+    wherever the main thread is, possibly halfway through writing a checkpoint. Inside this
+    block the signal only sets a flag; the ``check()`` this yields (call it once per step)
+    then raises Prefect's ``TerminationSignal``, which Prefect records as Crashed (Cancelled
+    when the run is being cancelled), the artifact's lock is released and its checkpoints are
+    kept for the rerun to resume from. A second SIGTERM after ``check()`` raised goes to the
+    previous handler. Outside the main thread (no signal handlers there) it does nothing.
+    """
+    import signal
+
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread
+        yield lambda: None
+        return
+    previous = signal.SIG_DFL if previous is None else previous
+
+    def check() -> None:
+        if received:
+            from prefect.exceptions import TerminationSignal
+
+            signal.signal(signal.SIGTERM, previous)
+            received.clear()
+            logger().warning("SIGTERM received: stopped after this step; the artifact's "
+                             "checkpoints are kept and a rerun resumes from the last one")
+            _send_logs()  # the process dies right after Prefect records the crash
+            raise TerminationSignal(signal=signal.SIGTERM)
+
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _send_logs() -> None:
+    """Send the run's queued log records to the Prefect API now (waits up to 5 s)."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception as err:  # no API, or it failed: the records stay on the console
+        logging.getLogger("cot2align").debug("could not send the logs: %s", err)
 
 
 def kill_point(stage: str, event: str, count: int) -> None:

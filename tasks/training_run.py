@@ -78,18 +78,19 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
 
     from storage.checkpoints import CheckpointDir
     from storage.shards import CHECKPOINTS_DIR
-    from tasks.stage import Progress
+    from tasks.stage import Progress, stop_at_step_boundary
 
     checkpointer = CheckpointDir(w.file_path(CHECKPOINTS_DIR), keep_last=t.keep_last)
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
-    with Progress(total, f"{label}: training steps") as bar:
+    with Progress(total, f"{label}: training steps") as bar, stop_at_step_boundary() as check:
         stage = StageKey.parse(label).stage
 
         def on_log(rec: dict) -> None:
             kill_point(stage, "step", rec["step"])
             log(rec)
             bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
+            check()  # SIGTERM: stop here, between two steps
 
         result = train(model, loss_fn, data, collate_fn=collate_fn,
                        extra_param_groups=extra_param_groups, checkpointer=checkpointer,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,9 +29,12 @@ from multiprocessing.connection import Connection
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
-    """Exit once the parent is gone (killed runs leave no engine behind)."""
+    """Once the parent is gone, end this process group (this worker and vLLM's engine-core
+    processes under it; the worker leads a session of its own): killed runs leave no engine
+    behind."""
     while os.getppid() == parent_pid:
         time.sleep(1.0)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
     os._exit(3)
 
 

@@ -113,3 +113,37 @@ def test_a_failing_force_keeps_the_finished_artifact(store_copy, prefect_api_url
     assert "tokenizer.json is damaged" in proc.stderr + proc.stdout
     assert (Path(results["tokenize"]["path"]) / "manifest.json").read_bytes() == before
     assert open_artifact(results["tokenize"]["path"]).verify().ok
+
+
+def test_a_killed_command_leaves_no_prefect_server_behind(store_copy):
+    """Without PREFECT_API_URL a command starts a temporary Prefect server; SIGKILL to the
+    command (here from inside a training step) takes that server down with it."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.flows.conftest import REPO
+
+    config, results, store = store_copy
+    shutil.rmtree(results[MAIN]["path"])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(COT2ALIGN_KILL_AT="distill:step:2", OMP_NUM_THREADS="1",
+               PREFECT_HOME=str(store.parent / "prefect-home"))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "distill", str(config),
+                           "--student", "cot2align"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert "starting a temporary Prefect server" in proc.stderr
+    port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)",
+                         proc.stderr).group(1))
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the temporary Prefect server on port {port} outlived its killed command")
