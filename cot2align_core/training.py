@@ -28,7 +28,6 @@ restored, so a run with evaluation hooks trains exactly the weights of a run wit
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import random
 import time
@@ -41,8 +40,6 @@ import numpy as np
 import torch
 
 from cot2align_core.sampling import EpochSampler
-
-log = logging.getLogger(__name__)
 
 SELECT_MODES = ("max", "min")
 # Keys of a history record that evaluation metrics may not overwrite.
@@ -184,7 +181,6 @@ def _load_checkpoint(run: _Run, step: int, state: Mapping[str, Any], where: Chec
     run.result.history = list(state["history"])
     run.result.best_step, run.result.best_metric = state["best"]["step"], state["best"]["metric"]
     run.result.resumed_from = run.step = step
-    log.info("resumed from checkpoint step %d of %d (%r)", step, run.result.total_steps, where)
 
 
 def _load_weights(run: _Run, state: Mapping[str, Any]) -> None:

@@ -83,6 +83,8 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
     checkpointer = CheckpointDir(w.file_path(CHECKPOINTS_DIR), keep_last=t.keep_last)
     total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
     log = log_every_n(label)
+    if steps := checkpointer.steps():
+        logger().info("%s: resumed from checkpoint step %d of %d", label, steps[-1], total)
     with Progress(total, f"{label}: training steps") as bar, stop_at_step_boundary() as check:
         stage = StageKey.parse(label).stage
 

@@ -371,7 +371,7 @@ def test_sigterm_stops_training_and_the_crashed_run_resumes_on_another_worker(de
     # The flow-run processes' console (the API's copy of the logs can miss records when
     # SQLite is locked, see the README).
     assert "SIGTERM received: stopped after this step" in worker.log.read_text()
-    step = int(re.search(r"resuming from the checkpoint of step (\d+)", second.log.read_text())[1])
+    step = int(re.search(r"resumed from checkpoint step (\d+)", second.log.read_text())[1])
     assert 10 <= step < 200
     assert (art / "manifest.json").exists() and not (art / "checkpoints").exists()
     body = {"artifacts": {"key": {"any_": ["progress-teacher-sft-training-steps"]}}}
