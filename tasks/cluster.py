@@ -57,8 +57,7 @@ def connect(cfg: PipelineConfig) -> bool:
     common = {"namespace": RAY_NAMESPACE, "runtime_env": c.runtime_env, "log_to_driver": True}
     if c.address is None and not os.environ.get("RAY_ADDRESS"):
         store = None if c.object_store_gib is None else int(c.object_store_gib * 2**30)
-        ray.init(num_cpus=c.num_cpus, num_gpus=c.num_gpus, object_store_memory=store,
-                 include_dashboard=False, **common)
+        ray.init(num_cpus=c.num_cpus, num_gpus=c.num_gpus, object_store_memory=store, **common)
         logger().info("ray: started a local cluster (%s)", _resources_line())
     else:
         ray.init(address=c.address, **common)
@@ -202,11 +201,11 @@ def run_shards(cfg: PipelineConfig, writer, shard_task, calls: list[ShardCall], 
 
 
 def train_on_ray(cfg: PipelineConfig, train_fn: Callable[[dict], None], config: dict, *,
-                 label: str, storage_path: str) -> None:
+                 label: str) -> None:
     """Run ``train_fn(config)`` on ``cluster.workers`` ranks with Ray Train's TorchTrainer
     (process group: NCCL with one GPU per rank when the cluster has GPUs, else gloo). A failed
     rank restarts the group up to ``cluster.max_failures`` times; ``train_fn`` resumes from its
-    checkpoints. ``storage_path``: where Ray Train keeps its run files."""
+    own checkpoints (Ray Train keeps only its run records, in its default storage path)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -222,6 +221,6 @@ def train_on_ray(cfg: PipelineConfig, train_fn: Callable[[dict], None], config: 
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name,
                              failure_config=FailureConfig(max_failures=c.max_failures)))
     trainer.fit()
