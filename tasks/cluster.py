@@ -35,8 +35,8 @@ from cot2align_core.config import PipelineConfig
 from tasks.common import StageError, logger
 from tasks.stage import Progress, kill_point
 
-__all__ = ["uses_ray", "session", "connect", "shard_gpus", "ShardCall", "run_shards",
-           "train_on_ray"]
+__all__ = ["uses_ray", "session", "connect", "shard_gpus", "task_env", "ShardCall",
+           "run_shards", "train_on_ray"]
 
 RAY_NAMESPACE = "cot2align"
 
@@ -137,9 +137,9 @@ def _prefect_api_url() -> str | None:
     return running[0].api_url if running else None
 
 
-def _task_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Environment of a shard task: the run's Prefect API, the project's variables
-    (``COT2ALIGN_*``), and the run's torch thread count."""
+def task_env(cfg: PipelineConfig) -> dict[str, str]:
+    """Environment of a task or rank on the cluster: the run's Prefect API, the project's
+    variables (``COT2ALIGN_*``, e.g. the crash-test hooks), and the run's torch threads."""
     env = {k: v for k, v in os.environ.items() if k.startswith("COT2ALIGN_")}
     url = _prefect_api_url()
     if url:
@@ -175,7 +175,7 @@ def run_shards(cfg: PipelineConfig, writer, shard_task, calls: list[ShardCall], 
     sink = writer.shard_sink()
     options = dict(num_cpus=cfg.cluster.num_cpus_per_shard, num_gpus=num_gpus,
                    max_retries=cfg.cluster.worker_retries,
-                   runtime_env={"env_vars": _task_env(cfg)})
+                   runtime_env={"env_vars": task_env(cfg)})
     results: dict[int, Any] = {}
     errors: list[tuple[ShardCall, BaseException]] = []
     with RayTaskRunner() as runner, remote_options(**options), Progress(len(calls), desc) as bar:

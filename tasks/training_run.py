@@ -143,7 +143,8 @@ def _train_on_ranks(cfg: PipelineConfig, build: JobBuilder, job: TrainingJob, fo
 
     cluster.train_on_ray(cfg, train_rank, {"build": build, "checkpoints": folder,
                                            "label": label, "strategy": cfg.cluster.strategy,
-                                           "threads": cfg.threads}, label=label)
+                                           "threads": cfg.threads,
+                                           "env": cluster.task_env(cfg)}, label=label)
     result = train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
                    extra_param_groups=job.extra_param_groups, checkpointer=checkpointer,
                    max_steps=0, **train_kwargs(job.training, job.seed))
@@ -191,13 +192,18 @@ def train_and_save(w, cfg: PipelineConfig, build: JobBuilder, *, training: Train
 def train_rank(config: dict[str, Any]) -> None:
     """One rank of a distributed run (Ray Train's ``train_loop_per_worker``): build the job
     on this rank's device, join the process group, train this rank's share; rank 0 writes
-    the checkpoints to ``config["checkpoints"]`` (resumed from after a restart)."""
+    the checkpoints to ``config["checkpoints"]`` (resumed from after a restart) and logs.
+    The crash-test hook ``<stage>:step:N`` kills rank 0 after step N (use it with
+    ``COT2ALIGN_KILL_ONCE``: the restarted ranks reach step N again)."""
+    import os
+
     import ray.train.torch
 
     from cot2align_core.distributed import init_distributed
     from cot2align_core.training import train
     from storage.checkpoints import CheckpointDir
 
+    os.environ.update(config["env"])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if config["threads"]:
@@ -205,7 +211,13 @@ def train_rank(config: dict[str, Any]) -> None:
     ctx = init_distributed(ray.train.torch.get_device(), strategy=config["strategy"])
     job = config["build"](str(ctx.device))
     t = job.training
+    stage, log = StageKey.parse(config["label"]).stage, log_every_n(config["label"])
+
+    def on_log(rec: dict) -> None:  # rank 0 only
+        kill_point(stage, "step", rec["step"])
+        log(rec)
+
     train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
           extra_param_groups=job.extra_param_groups,
           checkpointer=CheckpointDir(config["checkpoints"], keep_last=t.keep_last),
-          on_log=log_every_n(config["label"]), dist=ctx, **train_kwargs(t, job.seed))
+          on_log=on_log, dist=ctx, **train_kwargs(t, job.seed))

@@ -8,7 +8,8 @@ fingerprint, so the copies are the Ray run's inputs) and compares what they writ
   and the teacher, one shard each) write the local engine's bytes;
 - a Ray worker SIGKILLed between the two shards of a tokenize task: Ray reruns the task and
   the artifact is still the local one, byte for byte;
-- distill on 2 ranks (Ray Train, gloo): the student is trained and saved like a local one.
+- distill on 2 ranks (Ray Train, gloo): the student is trained and saved like a local one;
+  rank 0 killed mid-run: the ranks restart, resume, and end with the same bytes.
 
 Generation uses the transformers backend (a vLLM engine per shard task is too slow for this
 machine); vLLM on Ray is not exercised here.
@@ -48,6 +49,22 @@ def test_the_cluster_section_changes_no_fingerprint(tmp_path):
     for stage in STAGES:
         for key in instances(local, stage):
             assert "cluster" not in json.dumps(stage_params(local, key))
+
+
+def test_the_engine_flag_sets_the_cluster_engine_and_bad_values_are_refused(capsys):
+    from cot2align_core.config import ConfigError
+    from flows.cli import _with_engine, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["stage", "tokenize", "c.yaml", "--set", "seed=1", "--engine", "ray"])
+    assert _with_engine(args) == ["seed=1", "cluster.engine=ray"]
+    assert _with_engine(parser.parse_args(["run", "c.yaml"])) == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "c.yaml", "--engine", "dask"])
+    assert "invalid choice: 'dask'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"cluster.worker: unknown key \(did you mean "
+                                          r"'cluster.workers'\?\)"):
+        parse_config({**ray_test_config(Path("s")), "cluster": {"worker": 2}})
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +160,15 @@ def test_evaluate_on_ray_writes_the_local_engines_generations(ray_cluster, local
 
 
 @pytest.mark.slow
-def test_distill_trains_on_two_ranks_and_saves_like_a_local_run(ray_cluster, local_run, tmp_path):
+def test_distill_trains_on_two_ranks_and_a_killed_rank_resumes_exactly(
+        ray_cluster, local_run, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     results, local = local_run
-    store = store_with(local, tmp_path, ("prepare", "teacher_sft", "generate", "tokenize",
-                                         "cache_teacher"))
+    upstream = ("prepare", "teacher_sft", "generate", "tokenize", "cache_teacher")
     key = "distill[cot2align,seed=0]"
-    ours = run_on_ray("distill", store, tmp_path, "cluster.workers=2")[key]
+    ours = run_on_ray("distill", store_with(local, tmp_path / "a", upstream), tmp_path / "a",
+                      "cluster.workers=2")[key]
     path, theirs = Path(ours["path"]), Path(results[key]["path"])
     assert ours["fingerprint"] == results[key]["fingerprint"]
     assert ours["summary"]["steps"] == results[key]["summary"]["steps"] == 6
@@ -164,3 +182,22 @@ def test_distill_trains_on_two_ranks_and_saves_like_a_local_run(ray_cluster, loc
         assert (mine[k] - ref[k]).abs().max() < 0.05, k
     assert ours["summary"]["final_loss"] == pytest.approx(results[key]["summary"]["final_loss"],
                                                           rel=0.05)
+    # Rank 0 killed after step 3 (checkpoint at step 2): Ray Train restarts both ranks, they
+    # resume from the checkpoint, and the student is the uninterrupted run's, bit for bit.
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv("COT2ALIGN_KILL_AT", "distill:step:3")
+    monkeypatch.setenv("COT2ALIGN_KILL_ONCE", str(marker))
+    again = run_on_ray("distill", store_with(local, tmp_path / "b", upstream), tmp_path / "b",
+                       "cluster.workers=2")[key]
+    assert marker.exists()
+    resumed = load_file(Path(again["path"]) / "model" / "model.safetensors")
+    assert all((resumed[k] == mine[k]).all() for k in mine)
+    assert history(again["path"]) == history(ours["path"])
+
+
+def history(path: str) -> list[dict]:
+    """The loss history without its wall times."""
+    import pyarrow.parquet as pq
+
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in pq.read_table(Path(path) / "history.parquet").to_pylist()]
