@@ -210,7 +210,8 @@ def dolly_tokens(shared: Path) -> dict[str, dict[str, float]]:
         tok = AutoTokenizer.from_pretrained(shared / "tokenizers" / name)
 
         def mean(texts):
-            return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
+            ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+            return sum(map(len, ids)) / len(ids)
 
         out[name] = {"prompt": mean([r["prompt"] for r in rows]),
                      "cot_prompt": mean([cot_prompt(r) for r in rows]),
@@ -321,8 +322,8 @@ def main() -> None:
         tokens = dolly_tokens(shared)
         results["dolly_tokens"] = tokens
         results["projection"] = projection(tokens, results["distill"])
-    results.update(assumptions=ASSUMPTIONS, rows=rows, cpu=platform.processor() or platform.machine(),
-                   cores=os.cpu_count())
+    results.update(assumptions=ASSUMPTIONS, rows=rows, cores=os.cpu_count(),
+                   cpu=platform.processor() or platform.machine())
     for key in ("shard_stages", "distill", "projection"):
         for r in results.get(key, []):
             print(key, json.dumps(r))

@@ -24,6 +24,10 @@ calls :meth:`Checkpointer.remove_all`, so a kill in between loses no training.
 The data order depends only on (seed, epoch), not on global RNG state, so it is the same
 whether or not the run was interrupted; evaluation runs with the global RNG states forked and
 restored, so a run with evaluation hooks trains exactly the weights of a run without.
+
+The same loop runs on N ranks (``train(dist=...)``, :mod:`cot2align_core.distributed`): the
+global batch stays ``batch_size``, each rank takes its slice, DDP (or FSDP2) all-reduces the
+gradients, rank 0 checkpoints, and every rank resumes from the same checkpoint.
 """
 from __future__ import annotations
 
@@ -398,7 +402,7 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
            dist: DistContext) -> _Run:
     """Data order (this rank's slices), the model as the step calls it, AdamW over the model
     and the extra groups, the LR schedule."""
-    _check_world(n, batch_size, drop_last, dist.world_size)
+    check_world_size(n, batch_size, drop_last, dist.world_size)
     sampler = EpochSampler(n, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                            block_size=block_size, rank=dist.rank, world_size=dist.world_size)
     total_steps = steps if steps is not None else max(1, math.ceil(epochs * sampler.batches_per_epoch))
@@ -424,7 +428,7 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
                 result=TrainResult(total_steps=total_steps))
 
 
-def _check_world(n: int, batch_size: int, drop_last: bool, world_size: int) -> None:
+def check_world_size(n: int, batch_size: int, drop_last: bool, world_size: int) -> None:
     """Every global batch must give each rank at least one example (each rank takes part in
     every step's collectives)."""
     last = 0 if drop_last else n % batch_size

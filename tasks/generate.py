@@ -104,9 +104,9 @@ def _generate_shards(cfg: PipelineConfig, w, shards: dict[str, list[dict]], todo
     if cluster.uses_ray(cfg):
         calls = [cluster.ShardCall((name,), dict(cfg=cfg, name=name, rows=shards[name],
                                                   model_dir=model_dir)) for name in todo]
-        done = cluster.run_shards(cfg, w, generate_shard_on_worker, calls, stage="generate",
-                                  desc="generate: rationale shards",
-                                  num_gpus=cluster.shard_gpus(cfg, cfg.generate.tensor_parallel_size))
+        gpus = cluster.shard_gpus(cfg, cfg.generate.tensor_parallel_size)
+        done = cluster.run_shards(cfg, w, generate_shard_on_worker, calls, num_gpus=gpus,
+                                  desc="generate: rationale shards", stage="generate")
         return f"{done[0]['backend']} on ray workers"
     backend = open_backend(cfg, model_dir, cfg.generate.backend)
     try:

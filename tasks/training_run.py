@@ -139,8 +139,13 @@ def _train_here(job: TrainingJob, checkpointer, label: str):
 def _train_on_ranks(cfg: PipelineConfig, build: JobBuilder, job: TrainingJob, folder: str,
                     checkpointer, label: str):
     """Train on the Ray cluster's ranks, then load their final checkpoint into ``job``."""
-    from cot2align_core.training import train
+    from cot2align_core.config import ConfigError
+    from cot2align_core.training import check_world_size, train
 
+    try:  # here, not in the ranks: a clear error rather than failed ranks restarting
+        check_world_size(len(job.data), job.training.batch_size, False, cfg.cluster.workers)
+    except ValueError as err:
+        raise ConfigError(f"{label}: cluster.workers {cfg.cluster.workers}: {err}") from None
     cluster.train_on_ray(cfg, train_rank, {"build": build, "checkpoints": folder,
                                            "label": label, "strategy": cfg.cluster.strategy,
                                            "threads": cfg.threads,

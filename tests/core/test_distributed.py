@@ -253,14 +253,14 @@ def test_resume_on_two_ranks_ends_where_an_uninterrupted_run_does(two_ranks):
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused():
-    from cot2align_core.training import _check_world
+    from cot2align_core.training import check_world_size
 
-    _check_world(16, 4, False, 2)
+    check_world_size(16, 4, False, 2)
     with pytest.raises(ValueError, match="cannot give each of the 4 ranks one"):
-        _check_world(10, 4, False, 4)  # the last batch holds 2
-    _check_world(10, 4, True, 4)
+        check_world_size(10, 4, False, 4)  # the last batch holds 2
+    check_world_size(10, 4, True, 4)
     with pytest.raises(ValueError, match="batch_size of at least 2"):
-        _check_world(16, 1, False, 2)
+        check_world_size(16, 1, False, 2)
 
 
 def test_one_process_is_world_one_and_its_helpers_do_nothing():
