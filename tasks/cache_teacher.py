@@ -61,7 +61,7 @@ def _cache_shards(cfg: PipelineConfig, w, tokenized_path: str, todo: list[str],
     """Write the cache shards of the ``todo`` tokenized shards: on Ray, one task per shard
     (each loads the teacher on its GPU); here, one after another with ``model``."""
     out = {name: name.replace("teacher", "cache") for name in todo}
-    if cluster.uses_ray(cfg):
+    if todo and cluster.uses_ray(cfg):
         calls = [cluster.ShardCall((out[n],), dict(cfg=cfg, tokenized_path=tokenized_path,
                                                    name=n, out_name=out[n], model_dir=model_dir,
                                                    pad_id=pad_id)) for n in todo]

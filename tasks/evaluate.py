@@ -96,9 +96,11 @@ def answer_shard_on_worker(cfg: PipelineConfig, writer, shard: str, m: ModelToEv
 
 def _all_generations(w, cfg: PipelineConfig, models: list[ModelToEvaluate],
                      rows: dict[str, list[dict]]) -> list[dict]:
+    """Every model's generations, one shard per model: on Ray one task per model not done yet
+    (then all read back); here one after another (a shard done before a crash is read back)."""
     shards = [f"generations-{i:05d}" for i in range(len(models))]
-    if cluster.uses_ray(cfg):
-        todo = [i for i, shard in enumerate(shards) if not w.has_shard(shard)]
+    todo = [i for i, shard in enumerate(shards) if not w.has_shard(shard)]
+    if todo and cluster.uses_ray(cfg):
         calls = [cluster.ShardCall((shards[i],), dict(cfg=cfg, shard=shards[i], m=models[i],
                                                       rows=rows)) for i in todo]
         cluster.run_shards(cfg, w, answer_shard_on_worker, calls, num_gpus=cluster.shard_gpus(cfg),

@@ -87,7 +87,7 @@ def _tokenize_chunks(cfg: PipelineConfig, w, chunks: list, toks: dict, mined: bo
     another."""
     names = [(f"teacher-{i:05d}", f"student-{i:05d}") for i in range(len(chunks))]
     todo = [i for i, pair in enumerate(names) if not all(map(w.has_shard, pair))]
-    if cluster.uses_ray(cfg):
+    if todo and cluster.uses_ray(cfg):
         calls = [cluster.ShardCall(names[i], dict(cfg=cfg, index=i, items=chunks[i], toks=toks,
                                                   mined=mined)) for i in todo]
         cluster.run_shards(cfg, w, tokenize_shard, calls, num_gpus=0, desc="tokenize: shards",

@@ -67,6 +67,38 @@ def test_the_engine_flag_sets_the_cluster_engine_and_bad_values_are_refused(caps
         parse_config({**ray_test_config(Path("s")), "cluster": {"worker": 2}})
 
 
+def test_a_shard_sink_writes_what_the_writer_adopts_and_nothing_else(tmp_path):
+    """The contract between a stage's writer and its workers, without Ray: a pickled sink
+    writes whole journaled shards; the writer adopts only shards whose bytes match their
+    journal record; a sink whose writer no longer holds the lock writes nothing."""
+    import pickle
+
+    import pyarrow as pa
+
+    from storage.errors import StoreError
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    table = pa.table({"x": list(range(10))})
+    with store.writer("tokenize", "f00d", params={}) as w:
+        sink = pickle.loads(pickle.dumps(w.shard_sink()))  # what a worker receives
+        record = sink.write_shard("teacher-00000", table)
+        assert not w.has_shard("teacher-00000")
+        assert w.adopt_shard("teacher-00000") == record and w.has_shard("teacher-00000")
+        sink.write_shard("teacher-00001", table)
+        path = Path(w.path) / "teacher-00001.parquet"
+        path.write_bytes(path.read_bytes()[:-8] + b"tampered")
+        with pytest.raises(StoreError, match="not adopted"):
+            w.adopt_shard("teacher-00001")
+        with pytest.raises(StoreError, match="not adopted"):
+            w.adopt_shard("teacher-00002")  # never written
+        path.unlink()
+    assert [s.name for s in store.get("tokenize", "f00d").shards] == ["teacher-00000"]
+    with pytest.raises(StoreError, match="no longer holds the artifact's lock"):
+        sink.write_shard("teacher-00003", table)  # the writer has committed and let go
+    assert not list(Path(w.path).glob("teacher-00003*"))
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install .[ray])")
