@@ -110,13 +110,23 @@ def objective_job(n: int, kd_base: str, seed: int = 0) -> dict:
 
 
 def run(job: dict, batch_size: int, ctx: DistContext | None = None, checkpoints=None,
-        max_steps=None, on_log=None):
+        max_steps=None, on_log=None, **selection):
     result = train(job["model"], job["loss_fn"], job["dataset"], collate_fn=job["collate_fn"],
                    extra_param_groups=job["extra"], batch_size=batch_size, lr=3e-3,
                    steps=STEPS, warmup_steps=1, seed=3, checkpointer=checkpoints,
                    checkpoint_every=2 if checkpoints else 0, resume=checkpoints is not None,
-                   max_steps=max_steps, on_log=on_log, dist=ctx)
+                   max_steps=max_steps, on_log=on_log, dist=ctx, **selection)
     return result
+
+
+def dev_loss(model, step: int) -> dict[str, float]:
+    """A deterministic dev metric: the SFT loss on 6 held-out rows."""
+    return {"dev_loss": float(sft_loss(model, collate_sft(sft_rows(6, seed=9), pad_id=0)))}
+
+
+# "max" picks a state before the last step here (step 2), so restoring it changes the weights.
+SELECTION = dict(eval_every=1, eval_fn=dev_loss, select_metric="dev_loss", select_mode="max",
+                 restore_best=True)
 
 
 def weights(job: dict, ctx: DistContext | None = None) -> dict[str, torch.Tensor]:
@@ -137,6 +147,11 @@ def _scenarios(ctx: DistContext, out: Path) -> None:
         res = run(job, batch, ctx)
         results[name] = (weights(job), [r["loss"] for r in res.history])
     torch.save(results["dskd"][0], out / f"dskd-{ctx.rank}.pt")
+    # Evaluation hooks and best-state selection: rank 0 evaluates, every rank agrees.
+    job = sft_job(16)
+    res = run(job, 4, ctx, CheckpointDir(out / "select"), **SELECTION)
+    results["select"] = (weights(job), [(r["loss"], r["dev_loss"]) for r in res.history],
+                         res.best_step)
     fsdp = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, "fsdp")
     job = sft_job(16)
     run(job, 4, fsdp, CheckpointDir(out / "fsdp"))
@@ -250,6 +265,19 @@ def test_resume_on_two_ranks_ends_where_an_uninterrupted_run_does(two_ranks):
                                                                    "step-000000005.pt"]
     assert torch.load(out / "logged-0.pt") == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
     assert torch.load(out / "logged-1.pt") == []
+
+
+@pytest.mark.slow
+def test_evaluation_and_best_state_selection_on_two_ranks_match_one(two_ranks, tmp_path):
+    results, _ = two_ranks
+    job = sft_job(16)
+    res = run(job, 4, checkpoints=CheckpointDir(tmp_path / "one"), **SELECTION)
+    got_weights, got_history, got_best = results["select"]
+    assert got_best == res.best_step == 2
+    want = [(r["loss"], r["dev_loss"]) for r in res.history]
+    assert [x for pair in got_history for x in pair] == pytest.approx(
+        [x for pair in want for x in pair], rel=1e-5)
+    assert_same_weights(got_weights, weights(job))  # the restored best state
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused():
