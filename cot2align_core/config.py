@@ -317,6 +317,48 @@ class EvaluateConfig(_Section):
         return data
 
 
+class ClusterConfig(_Section):
+    """Where the stages run: in this process (``engine: local``, the default) or on a Ray
+    cluster (``engine: ray``): shard stages submit their shards as Ray tasks with resource
+    requests, and distill / teacher_sft train on ``workers`` ranks launched by Ray Train.
+
+    No stage reads this section into its fingerprint: how a stage runs is not what it writes,
+    so switching engines reuses every artifact.
+    """
+
+    engine: Literal["local", "ray"] = "local"
+    # null: start a Ray cluster on this machine for the run (or join RAY_ADDRESS when set);
+    # "auto": join the cluster `ray start` runs on this machine; or a cluster's address
+    # ("ray://head:10001", "head:6379").
+    address: str | None = None
+    # A cluster started for the run (address null): the CPUs and GPUs it may use (null: all of
+    # this machine's) and its object store size.
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    object_store_gib: float | None = Field(None, gt=0)
+    # GPUs of one shard task of generate (times generate.tensor_parallel_size), cache_teacher
+    # and evaluate; null: 1 when the cluster has GPUs, else 0. A fraction packs several small
+    # models on one GPU (give vLLM a matching generate.gpu_memory_utilization).
+    num_gpus_per_shard: float | None = Field(None, ge=0)
+    num_cpus_per_shard: float = Field(1.0, gt=0)
+    # Ray's reruns of a shard task whose worker died (killed, out of memory, node lost); an
+    # exception raised by the shard is retried by its Prefect task instead.
+    worker_retries: int = Field(3, ge=0)
+    # Ranks of distill and teacher_sft (Ray Train workers; one GPU each when the cluster has
+    # GPUs). The global batch stays training.batch_size: each rank takes batch / workers.
+    workers: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    # ddp: a full replica per rank; fsdp: parameters, gradients and optimizer state sharded
+    # over the ranks (FSDP2), for a student that does not fit on one GPU.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Restarts of the training ranks after one fails; each restart resumes from the last
+    # checkpoint.
+    max_failures: int = Field(2, ge=0)
+    # Ray runtime environment of the tasks and ranks (env_vars, working_dir, pip); null: the
+    # project as installed on every node.
+    runtime_env: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class Student:
     """A resolved student: its label and its full objective and training sections."""
@@ -352,6 +394,7 @@ class PipelineConfig(_Section):
     cache_teacher: CacheTeacherConfig = CacheTeacherConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _consistency(self):

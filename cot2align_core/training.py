@@ -24,6 +24,10 @@ calls :meth:`Checkpointer.remove_all`, so a kill in between loses no training.
 The data order depends only on (seed, epoch), not on global RNG state, so it is the same
 whether or not the run was interrupted; evaluation runs with the global RNG states forked and
 restored, so a run with evaluation hooks trains exactly the weights of a run without.
+
+The same loop runs on N ranks (``train(dist=...)``, :mod:`cot2align_core.distributed`): the
+global batch stays ``batch_size``, each rank takes its slice, DDP (or FSDP2) all-reduces the
+gradients, rank 0 checkpoints, and every rank resumes from the same checkpoint.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cot2align_core import distributed as dd
+from cot2align_core.distributed import DistContext
 from cot2align_core.sampling import EpochSampler
 
 SELECT_MODES = ("max", "min")
@@ -152,14 +158,14 @@ class Checkpointer(Protocol):
 
 def _checkpoint_state(run: _Run) -> dict[str, Any]:
     """Everything the loop needs to continue after ``run.step`` (the RNG states are added by
-    the checkpointer)."""
+    the checkpointer). Full state dicts: with FSDP every rank must call (they are gathered)."""
     r = run.result
     return {
         "step": run.step,
         "signature": run.signature,
-        "model": run.model.state_dict(),
+        "model": dd.model_state(run.model, run.dist),
         "extra_params": [p.detach().clone() for p in run.extra_params],
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": dd.optimizer_state(run.optimizer, run.dist),
         "scheduler": run.scheduler.state_dict(),
         "sampler": run.sampler.state_dict(),
         "history": r.history,
@@ -175,7 +181,7 @@ def _load_checkpoint(run: _Run, step: int, state: Mapping[str, Any], where: Chec
             f"{state['signature']}, this run has {run.signature}: use another checkpoint "
             "directory or the same settings")
     _load_weights(run, state)
-    run.optimizer.load_state_dict(state["optimizer"])
+    dd.load_optimizer_state(run.optimizer, state["optimizer"], run.dist)
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["sampler"])
     run.result.history = list(state["history"])
@@ -184,7 +190,7 @@ def _load_checkpoint(run: _Run, step: int, state: Mapping[str, Any], where: Chec
 
 
 def _load_weights(run: _Run, state: Mapping[str, Any]) -> None:
-    run.model.load_state_dict(state["model"])
+    dd.load_model_state(run.model, state["model"], run.dist)
     with torch.no_grad():
         for p, saved in zip(run.extra_params, state["extra_params"], strict=True):
             p.copy_(saved)
@@ -234,6 +240,16 @@ def _evaluate(model: torch.nn.Module, eval_fn: Callable, step: int,
     return out
 
 
+def _evaluate_run(run: _Run, eval_fn: Callable, record: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`_evaluate` on the bare model; in a distributed run on rank 0 (on every rank when
+    sharded: the forward pass is collective), and rank 0's metrics given to every rank, so
+    that all ranks agree on the best state."""
+    metrics = None
+    if run.dist.is_main or run.dist.sharded:
+        metrics = _evaluate(run.model, eval_fn, run.step, record)
+    return dd.broadcast_object(metrics, run.dist)
+
+
 def _update_best(run: _Run, metrics: Mapping[str, float], metric: str, mode: str,
                  checkpointer: Checkpointer) -> None:
     """Save the model (and extra parameters) as the best state when ``metric`` improves
@@ -246,11 +262,10 @@ def _update_best(run: _Run, metrics: Mapping[str, float], metric: str, mode: str
         return
     if best is not None and not (value > best if mode == "max" else value < best):
         return
-    checkpointer.save_best(run.step, {
-        "model": run.model.state_dict(),
-        "extra_params": [p.detach().clone() for p in run.extra_params],
-        "metric": value,
-    })
+    state = {"model": dd.model_state(run.model, run.dist),
+             "extra_params": [p.detach().clone() for p in run.extra_params], "metric": value}
+    if run.dist.is_main:
+        checkpointer.save_best(run.step, state)
     run.result.best_step, run.result.best_metric = run.step, value
 
 
@@ -268,6 +283,7 @@ def _restore_best(run: _Run, checkpointer: Checkpointer) -> None:
     """Load the best state back into the model and extra parameters (no-op without one)."""
     if run.result.best_step is None:
         return
+    dd.barrier(run.dist)  # rank 0 may still be saving it
     found = checkpointer.load_best()
     if found is None or found[0] != run.result.best_step:
         raise RuntimeError(
@@ -305,9 +321,12 @@ class TrainResult:
 
 @dataclass
 class _Run:
-    """What a training run holds between steps (and what a checkpoint saves)."""
+    """What a training run holds between steps (and what a checkpoint saves). ``model`` is the
+    bare model; ``step_model`` what the step calls (DDP around it in a distributed run)."""
 
     model: torch.nn.Module
+    step_model: torch.nn.Module
+    dist: DistContext
     extra_params: list[torch.nn.Parameter]
     all_params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -375,14 +394,19 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
            batch_size: int, lr: float, steps: int | None, epochs: float | None,
            weight_decay: float, betas: tuple[float, float], schedule: str,
            warmup_steps: int | None, warmup_ratio: float, min_lr_ratio: float, seed: int,
-           shuffle: bool, drop_last: bool, block_size: int | None, also_match: Mapping) -> _Run:
-    """Data order, AdamW over the model and the extra groups, the LR schedule."""
+           shuffle: bool, drop_last: bool, block_size: int | None, also_match: Mapping,
+           dist: DistContext) -> _Run:
+    """Data order (this rank's slices), the model as the step calls it, AdamW over the model
+    and the extra groups, the LR schedule."""
+    check_world_size(n, batch_size, drop_last, dist.world_size)
     sampler = EpochSampler(n, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                           block_size=block_size)
+                           block_size=block_size, rank=dist.rank, world_size=dist.world_size)
     total_steps = steps if steps is not None else max(1, math.ceil(epochs * sampler.batches_per_epoch))
     if warmup_steps is None:
         warmup_steps = int(warmup_ratio * total_steps)
+    step_model = dd.wrap_model(model, dist)  # before the optimizer: FSDP replaces parameters
     groups, extra_params = _param_groups(model, extra_param_groups, lr, weight_decay)
+    dd.broadcast_params(extra_params, dist)
     optimizer = torch.optim.AdamW(groups, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -394,25 +418,45 @@ def _setup(model: torch.nn.Module, n: int, extra_param_groups: Iterable[Mapping]
     signature = {"total_steps": total_steps, "batch_size": batch_size, "n": n, "seed": seed,
                  "shuffle": shuffle, "drop_last": drop_last, "block_size": block_size,
                  **also_match}
-    return _Run(model=model, extra_params=extra_params,
+    return _Run(model=model, step_model=step_model, dist=dist, extra_params=extra_params,
                 all_params=[p for g in groups for p in g["params"]], optimizer=optimizer,
                 scheduler=scheduler, sampler=sampler, signature=signature,
                 result=TrainResult(total_steps=total_steps))
 
 
+def check_world_size(n: int, batch_size: int, drop_last: bool, world_size: int) -> None:
+    """Every global batch must give each rank at least one example (each rank takes part in
+    every step's collectives)."""
+    last = 0 if drop_last else n % batch_size
+    if world_size > 1 and (batch_size < world_size or 0 < last < world_size):
+        short = batch_size if batch_size < world_size else last
+        raise ValueError(
+            f"a global batch of {short} examples cannot give each of the {world_size} ranks one "
+            f"(dataset {n}, batch_size {batch_size}): use a batch_size of at least "
+            f"{world_size} whose last batch of the epoch is too, drop_last, or fewer ranks")
+
+
 def _train_step(run: _Run, loss_fn: Callable, dataset: Sequence, collate_fn: Callable,
                 grad_clip: float | None, device: torch.device) -> dict[str, Any]:
-    """One optimizer step on the sampler's next batch; returns the step's history record."""
+    """One optimizer step on the sampler's next batch (this rank's slice of it); returns the
+    step's history record (the global batch's loss and terms)."""
     t0 = time.perf_counter()
+    d = run.dist
     epoch, indices = run.sampler.next_batch()
+    if d.distributed:
+        dd.seed_step(run.signature["seed"], d.rank, run.step)
     batch = move_to_device(collate_fn([dataset[i] for i in indices]), device)
-    loss, terms = _split_loss(loss_fn(run.model, batch))
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {run.step + 1}")
+    loss, terms = _split_loss(loss_fn(run.step_model, batch))
+    n_global, value, terms = dd.combine_step(d, len(indices), float(loss.detach()), terms)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {run.step + 1}")
+    if d.distributed:  # the all-reduce averages: see cot2align_core.distributed
+        loss = loss * (d.world_size * len(indices) / n_global)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    dd.average_grads(run.extra_params, d)
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.all_params, grad_clip)
+        dd.clip_grad_norm(run.all_params, grad_clip, d)
     current_lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -420,11 +464,29 @@ def _train_step(run: _Run, loss_fn: Callable, dataset: Sequence, collate_fn: Cal
     return {
         "step": run.step,
         "epoch": epoch,
-        "loss": float(loss.detach()),
+        "loss": value,
         **terms,
         "lr": current_lr,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _start(run: _Run, checkpointer: Checkpointer | None, resume: bool, selecting: bool,
+           seed: int) -> None:
+    """Continue from the newest checkpoint (every rank reads it; they must find the same), or
+    start afresh: clear the checkpointer (rank 0) and seed the global generators."""
+    found = checkpointer.restore() if resume else None
+    dd.agree(None if found is None else found[0], run.dist, "the checkpoint to resume from")
+    if found is not None:
+        _load_checkpoint(run, *found, checkpointer)
+        if selecting:
+            _adopt_saved_best(run, checkpointer)
+        return
+    if checkpointer is not None and run.dist.is_main:
+        checkpointer.remove_all()
+    torch.manual_seed(seed)  # dropout and anything else random in loss_fn
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _check_train_args(steps, epochs, checkpointer, checkpoint_every, resume, eval_every,
@@ -479,6 +541,7 @@ def train(
     restore_best: bool = False,
     on_log: Callable[[dict], None] | None = None,
     log_every: int = 1,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train `model` on `dataset` with AdamW, minimising `loss_fn(model, collate_fn(rows))`.
 
@@ -510,48 +573,49 @@ def train(
     keeps the earlier step; NaN never improves); restore_best: load it back at the end.
     on_log(record) is called every `log_every` steps and at the last step run.
     The model is in train mode while training and in eval mode on return.
+    Distributed (`dist` from :func:`cot2align_core.distributed.init_distributed`, world size
+    > 1; every rank calls `train` with the same arguments): `batch_size` stays the global
+    batch and each rank takes its slice; the model is wrapped (DDP, or FSDP2 with strategy
+    "fsdp") and the extra groups' gradients averaged; the history records the global
+    batch's loss and terms; rank 0 alone saves checkpoints and best states and calls on_log;
+    every rank resumes from the same checkpoint. See :mod:`cot2align_core.distributed`.
     """
     _check_train_args(steps, epochs, checkpointer, checkpoint_every, resume, eval_every,
                       eval_fn, select_metric, select_mode, restore_best)
     collate_fn = collate_fn or (lambda rows: rows)
+    dist = dist or DistContext(device=next(model.parameters()).device)
     run = _setup(model, len(dataset), extra_param_groups, batch_size=batch_size, lr=lr,
                  steps=steps, epochs=epochs, weight_decay=weight_decay, betas=betas,
                  schedule=schedule, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
                  min_lr_ratio=min_lr_ratio, seed=seed, shuffle=shuffle, drop_last=drop_last,
                  block_size=shuffle_block_size,
                  also_match={"eval_every": eval_every if eval_fn else 0,
-                            "select_metric": select_metric, "select_mode": select_mode})
+                            "select_metric": select_metric, "select_mode": select_mode},
+                 dist=dist)
     total_steps = run.result.total_steps
     stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
-    found = checkpointer.restore() if resume else None
-    if found is not None:
-        _load_checkpoint(run, *found, checkpointer)
-        if select_metric is not None:
-            _adopt_saved_best(run, checkpointer)
-    else:
-        if checkpointer is not None:
-            checkpointer.remove_all()
-        torch.manual_seed(seed)  # dropout and anything else random in loss_fn
-        random.seed(seed)
-        np.random.seed(seed)
+    _start(run, checkpointer, resume, select_metric is not None, seed)
 
-    device = next(model.parameters()).device
+    device = dist.device if dist.distributed else next(model.parameters()).device
     model.train()
     while run.step < stop_at:
         record = _train_step(run, loss_fn, dataset, collate_fn, grad_clip, device)
         if eval_fn is not None and ((eval_every and run.step % eval_every == 0)
                                     or run.step == total_steps):
-            metrics = _evaluate(model, eval_fn, run.step, record)
+            metrics = _evaluate_run(run, eval_fn, record)
             record.update(metrics)
             if select_metric is not None:
                 _update_best(run, metrics, select_metric, select_mode, checkpointer)
         run.result.history.append(record)
-        if on_log is not None and (run.step % log_every == 0 or run.step == stop_at):
+        if on_log is not None and dist.is_main and (run.step % log_every == 0
+                                                    or run.step == stop_at):
             on_log(record)
         if checkpointer is not None and (
             (checkpoint_every and run.step % checkpoint_every == 0) or run.step == stop_at
         ):
-            checkpointer.save(run.step, _checkpoint_state(run))
+            state = _checkpoint_state(run)
+            if dist.is_main:
+                checkpointer.save(run.step, state)
     if restore_best:
         _restore_best(run, checkpointer)
     model.eval()

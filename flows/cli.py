@@ -1,7 +1,7 @@
 """The ``cot2align`` command line.
 
-    cot2align run [CONFIG] [--set key=value ...] [--force STAGE ...]
-    cot2align stage NAME CONFIG [--set key=value ...] [--force] [--student LABEL]
+    cot2align run [CONFIG] [--set key=value ...] [--force STAGE ...] [--engine local|ray]
+    cot2align stage NAME CONFIG [--set key=value ...] [--force] [--student LABEL] [--engine ...]
     cot2align plan [CONFIG]              fingerprints and which artifacts exist
     cot2align inspect PATH [--json]      an artifact or a store
     cot2align verify PATH                re-hash shards against the manifest
@@ -56,11 +56,18 @@ def _check(config: str, overrides) -> None:
     preflight(load_config(config, overrides))
 
 
+def _with_engine(args) -> list[str]:
+    """The ``--set`` overrides, plus ``cluster.engine`` when ``--engine`` is given (the cluster
+    section is in no fingerprint: the engine never changes what is reused)."""
+    return (args.set or []) + ([f"cluster.engine={args.engine}"] if args.engine else [])
+
+
 def _cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
     from flows.server import prefect_server
 
     t0 = time.time()
+    args.set = _with_engine(args)
     config = args.config or _default_config()
     _check(config, args.set)
     with prefect_server():
@@ -74,6 +81,7 @@ def _cmd_stage(args) -> int:
     from flows.server import prefect_server
 
     t0 = time.time()
+    args.set = _with_engine(args)
     _check(args.config, args.set)
     if args.student is not None and args.name != "distill":
         raise SystemExit("cot2align: error: --student applies to the distill stage only")
@@ -136,6 +144,12 @@ def _stage_or_instance(text: str) -> str:
     return str(StageKey.parse(text))
 
 
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("local", "ray"),
+                   help="where the stages run: this process (local) or a Ray cluster "
+                        "(cluster.address in the config; none: one started for the run)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from storage.inspect import add_subcommands
     from tasks.registry import STAGE_NAMES
@@ -150,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", type=_stage_or_instance, metavar="STAGE",
                    help="recompute this stage (or one student, distill[<label>,seed=<n>]) even "
                         "if its artifact exists")
+    _add_engine(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("stage", help="run one stage against the existing upstream artifacts")
@@ -159,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute even if the artifact exists")
     p.add_argument("--student", metavar="LABEL",
                    help="distill: train only this student (a label, or distill[<label>,seed=<n>])")
+    _add_engine(p)
     p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("plan", help="show each stage's fingerprint and whether it exists")

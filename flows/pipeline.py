@@ -39,6 +39,7 @@ from prefect.states import Completed, State
 
 from cot2align_core.config import ConfigError, PipelineConfig, load_config
 from storage.errors import CorruptDataError, StoreError
+from tasks import cluster
 from tasks.common import StageError, StageRef, logger, preflight, upstream_refs
 from tasks.registry import STAGES, StageKey, StageSpec, instances, plan, spec, upstream_keys
 from tasks.stage import open_store
@@ -246,7 +247,7 @@ def pipeline_flow(config_path: str = DEMO_CONFIG, overrides: list[str] | None = 
     fps = plan(cfg)
     forced = set(force or [])
     refs: dict[str, StageRef] = {}
-    with recorded_run(store_, config_path, cfg, fps, "run", overrides):
+    with recorded_run(store_, config_path, cfg, fps, "run", overrides), cluster.session(cfg):
         for attempt in range(MAX_REPAIRS + 1):
             try:
                 refs = _run_all(cfg, fps, forced if attempt == 0 else set())
@@ -278,7 +279,8 @@ def run_single_stage(stage: str, config_path: str, overrides: list[str] | None =
     preflight(cfg, keys)
     ups = {k: upstream_refs(store_, cfg, k, fps) for k in keys}
     needed = {k: fps[k] for k in keys} | {u: fps[u] for k in keys for u in upstream_keys(cfg, k)}
-    with recorded_run(store_, config_path, cfg, needed, f"stage:{stage}", overrides):
+    with recorded_run(store_, config_path, cfg, needed, f"stage:{stage}", overrides), \
+            cluster.session(cfg):
         refs = _run_instances(cfg, spec(stage), keys, fps, ups, {stage} if force else set())
     for key, ref in refs.items():
         logger().info("stage %s: %s", key, ref.path)

@@ -43,7 +43,7 @@ from storage.artifact import Artifact, load_artifact, native_path, tidy_complete
 from storage.errors import (ArtifactCompleteError, CorruptDataError, StoreError,
                             describe_os_error)
 from storage.fingerprint import FingerprintError, canonical_json
-from storage.fs import LocalFS, is_tmp_name
+from storage.fs import LocalFS, filesystem_for, is_tmp_name
 from storage.locks import LOCK_NAME
 from storage.manifest import (INVALID_MANIFEST, MANIFEST, MANIFEST_FORMAT, is_complete,
                               library_versions, load_manifest, manifest_bytes, utc_iso)
@@ -181,6 +181,78 @@ def finish_replace(fs: LocalFS, final: str) -> bool:
     fs.replace(fs.join(staging, MANIFEST), fs.join(final, MANIFEST))
     fs.rmtree(staging)
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# Whole shards, from the writer or from another process
+
+
+def write_whole_shard(target, name: str, data, *, row_group_size: int, schema, kind, info,
+                      **parquet_options: Any) -> ShardRecord:
+    """Write one whole shard through ``target.open_shard`` (an :class:`ArtifactWriter` or a
+    :class:`ShardSink`): committed (journaled, then renamed) only when fully written."""
+    table = as_table(data, schema)
+    shard = target.open_shard(name, table.schema, kind=kind, **parquet_options)
+    try:
+        shard.info.update(info or {})
+        shard.write(table, row_group_size=row_group_size)
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.commit()
+
+
+class ShardSink:
+    """Writes whole shards into an artifact whose :class:`ArtifactWriter` is open in another
+    process (made by :meth:`ArtifactWriter.shard_sink`; picklable: the store's URL, the
+    artifact and the writer's lock token, nothing open).
+
+    A shard is written as the writer writes one (temporary name, journal record with its
+    sha256, rename), so the writer adopts it by the same rule as a crashed run's shards
+    (:meth:`ArtifactWriter.adopt_shard`). Before each shard the sink checks that the lock
+    still carries the writer's token: a sink whose writer lost the artifact writes nothing.
+    """
+
+    def __init__(self, root: str, stage: str, fp: str, replace: bool, token: str) -> None:
+        self.root, self.stage, self.fingerprint = root, stage, fp
+        self.replace, self.token = replace, token
+        self._fs: LocalFS | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def _open(self) -> tuple[LocalFS, str, str]:
+        """(filesystem, the artifact's folder, the folder shards go to)."""
+        if self._fs is None:
+            self._fs, self._root_path = filesystem_for(self.root)
+        final = self._fs.join(self._root_path, self.stage, self.fingerprint)
+        return self._fs, final, self._fs.join(final, REPLACE_DIR) if self.replace else final
+
+    def _check_lock(self) -> None:
+        fs, final, _ = self._open()
+        try:
+            holder = json.loads(fs.read_bytes(fs.join(final, LOCK_NAME)))
+        except (FileNotFoundError, ValueError):
+            holder = None
+        if not isinstance(holder, dict) or holder.get("token") != self.token:
+            raise StoreError(f"{self.stage}/{self.fingerprint} in {self.root}: the writer that "
+                             "sent this shard no longer holds the artifact's lock; not writing")
+
+    def open_shard(self, name: str, schema: pa.Schema, *, kind: str | None = None,
+                   **parquet_options: Any) -> ShardWriter:
+        """A :class:`ShardWriter` for streaming row groups into one shard (committed on close)."""
+        self._check_lock()
+        fs, _, directory = self._open()
+        return ShardWriter(fs, directory, check_name(name), schema, kind=kind,
+                           options=parquet_options)
+
+    def write_shard(self, name: str, data: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch],
+                    *, row_group_size: int = DEFAULT_ROW_GROUP_ROWS,
+                    schema: pa.Schema | None = None, kind: str | None = None,
+                    info: dict[str, Any] | None = None, **parquet_options: Any) -> ShardRecord:
+        """Write one whole shard atomically, as :meth:`ArtifactWriter.write_shard` does."""
+        return write_whole_shard(self, name, data, row_group_size=row_group_size, schema=schema,
+                                 kind=kind, info=info, **parquet_options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,11 +436,42 @@ class ArtifactWriter:
                     schema: pa.Schema | None = None, kind: str | None = None,
                     info: dict[str, Any] | None = None, **parquet_options: Any) -> ShardRecord:
         """Write one whole shard atomically (row groups of ``row_group_size`` rows)."""
-        table = as_table(data, schema)
-        with self.open_shard(name, table.schema, kind=kind, **parquet_options) as shard:
-            shard.info.update(info or {})
-            shard.write(table, row_group_size=row_group_size)
-        return self._shards[name]
+        return write_whole_shard(self, name, data, row_group_size=row_group_size, schema=schema,
+                                 kind=kind, info=info, **parquet_options)
+
+    # Shards written by other processes ---------------------------------------------------
+    def shard_sink(self) -> "ShardSink":
+        """A picklable :class:`ShardSink` through which another process (a Ray worker)
+        writes shards into this artifact while this writer holds its lock; each shard it
+        reports is then taken in with :meth:`adopt_shard`."""
+        self._check_open()
+        if self._lock.token is None:
+            raise StoreError(f"artifact {self.label}: open the writer (`with`) before making "
+                             "a shard sink")
+        return ShardSink(self.store.root, self.stage, self.fingerprint, self.replace,
+                         self._lock.token)
+
+    def adopt_shard(self, name: str) -> ShardRecord:
+        """Take in a shard a :class:`ShardSink` wrote in another process. It is adopted only
+        when its journal record exists and its bytes still hash to it (size and sha256,
+        re-read now): the rule a resuming writer applies to a crashed run's shards."""
+        self._check_open()
+        check_name(name)
+        path = self.fs.join(self.dir, name + ".parquet")
+        try:
+            rec = ShardRecord.from_dict(json.loads(self.fs.read_bytes(
+                self.fs.join(self.dir, PROGRESS_DIR, name + ".json"))))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            rec = None
+        if rec is None or rec.name != name or not (
+                self.fs.isfile(path) and self.fs.size(path) == rec.bytes
+                and self.fs.sha256(path) == rec.sha256):
+            raise StoreError(f"artifact {self.label}: shard {name!r}, reported written by a "
+                             "worker, is not whole with a matching journal record; not adopted "
+                             "(rerun: the resumed writer recomputes it)")
+        self._shards[name] = rec
+        self._reused.discard(name)
+        return rec
 
     # Side files ------------------------------------------------------------------------
     def _full(self, relpath: str) -> str:

@@ -11,63 +11,71 @@ and the loss history.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig
 from storage.store import open_artifact
-from tasks.common import (StageRef, build_objective, load_side_tokenizer, resolve_device,
-                          teacher_tensors)
+from tasks.common import StageRef, build_objective, load_side_tokenizer, teacher_tensors
 from tasks.registry import StageKey
 from tasks.stage import run_stage
-from tasks.training_run import build_model_for, seeded, train_and_save
+from tasks.training_run import TrainingJob, build_model_for, seeded, train_and_save
+
+
+def distill_job(cfg: PipelineConfig, key: StageKey, upstream: dict[str, StageRef],
+                device: str) -> TrainingJob:
+    """The student's training run on ``device``: its model (seeded by the training seed), the
+    objective with its learned parts, the dataset of tokens and cached teacher states."""
+    from cot2align_core.batching import collate_distill
+    from cot2align_core.tokenization import pad_token_id
+    from storage.distill_dataset import DistillDataset
+
+    student = cfg.resolve_student(key.label)
+    objective_cfg = student.objective
+    tok = load_side_tokenizer(cfg, "student", upstream)
+    cache = open_artifact(upstream["cache_teacher"].path)
+    with_teacher = objective_cfg.uses_kd or objective_cfg.uses_ot
+    dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path),
+                                            cache if with_teacher else None)
+    embed, head = teacher_tensors(cache, device)
+    with seeded(key.seed):
+        model = build_model_for(cfg, "student", tok, device, seed=key.seed)
+        objective = build_objective(cfg, objective_cfg, upstream, model.config.hidden_size,
+                                    embed.shape[1]).to(device)
+    pad = pad_token_id(tok)
+
+    def loss_fn(m, batch):  # the training loop has moved the batch to the model's device
+        s, te = batch
+        return objective(m, s, te, embed, head)
+
+    extra = []
+    if objective.projector_parameters():
+        extra = [{"params": objective.projector_parameters(), "lr": objective_cfg.projector_lr}]
+    return TrainingJob(model=model, tokenizer=tok, loss_fn=loss_fn, data=dataset,
+                       collate_fn=lambda items: collate_distill(items, pad,
+                                                                with_teacher=with_teacher),
+                       training=student.training, seed=key.seed,
+                       lora=bool(cfg.student.lora_rank), extra_param_groups=extra,
+                       objective=objective)
 
 
 @task(name="distill", task_run_name="{key}", cache_policy=NONE)
 def distill_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                   force: bool = False) -> StageRef:
     student = cfg.resolve_student(key.label)
-    objective_cfg = student.objective
 
     def body(w) -> dict:
-        from cot2align_core.batching import collate_distill
-        from cot2align_core.tokenization import pad_token_id
-        from storage.distill_dataset import DistillDataset
-
-        t = student.training
-        device = resolve_device(t.device)
-        tok = load_side_tokenizer(cfg, "student", upstream)
-        cache = open_artifact(upstream["cache_teacher"].path)
-        with_teacher = objective_cfg.uses_kd or objective_cfg.uses_ot
-        dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path),
-                                                cache if with_teacher else None)
-        embed, head = teacher_tensors(cache, device)
-        with seeded(key.seed):
-            model = build_model_for(cfg, "student", tok, device, seed=key.seed)
-            objective = build_objective(cfg, objective_cfg, upstream, model.config.hidden_size,
-                                        embed.shape[1]).to(device)
-        pad = pad_token_id(tok)
-
-        def loss_fn(m, batch):  # the training loop has moved the batch to the model's device
-            s, te = batch
-            return objective(m, s, te, embed, head)
-
-        extra = []
-        if objective.projector_parameters():
-            extra = [{"params": objective.projector_parameters(),
-                      "lr": objective_cfg.projector_lr}]
-        result = train_and_save(
-            w, model, tok, loss_fn, dataset,
-            lambda items: collate_distill(items, pad, with_teacher=with_teacher),
-            t=t, seed=key.seed, label=str(key), lora=bool(cfg.student.lora_rank),
-            extra_param_groups=extra)
-        torch.save(objective.state_dict(), w.file_path("objective.pt"))
+        result, job = train_and_save(w, cfg, partial(distill_job, cfg, key, upstream),
+                                     training=student.training, label=str(key))
+        torch.save(job.objective.state_dict(), w.file_path("objective.pt"))
         w.add_file("objective.pt")
         last = result.history[-1] if result.history else {}
-        return {"student": key.label, "seed": key.seed, "examples": len(dataset),
+        return {"student": key.label, "seed": key.seed, "examples": len(job.data),
                 "steps": result.steps_done,
                 "final_loss": round(float(last.get("loss", float("nan"))), 4),
-                "objective": objective_cfg.describe()}
+                "objective": student.objective.describe()}
 
     return run_stage(cfg, key, fp, upstream, body, force=force)

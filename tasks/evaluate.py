@@ -24,6 +24,7 @@ from storage.schemas import generations_table, read_rows
 from storage.store import open_artifact
 from tasks.common import (StageRef, checked_files, fitted_rows, logger, resolve_device,
                           teacher_model_path)
+from tasks import cluster
 from tasks.registry import StageKey
 from tasks.report import write_evaluation_report
 from tasks.stage import Progress, publish_table, run_stage
@@ -79,18 +80,40 @@ def comparison_pairs(cfg: PipelineConfig) -> list[tuple[str, str]]:
                                    and ref.kd_base == o.kd_base))
 
 
+def _write_generations(writer, shard: str, m: ModelToEvaluate, out: list[dict]) -> None:
+    writer.write_shard(shard, generations_table(out), kind="generations",
+                       info={"model": m.name, "seed": m.seed})
+
+
+@task(name="evaluate-shard", task_run_name="evaluate-{shard}", retries=1, cache_policy=NONE)
+def answer_shard_on_worker(cfg: PipelineConfig, writer, shard: str, m: ModelToEvaluate,
+                           rows: dict[str, list[dict]]) -> int:
+    """One model's generations shard, on a Ray worker (the model loads on its GPU)."""
+    out = generate_for_model(cfg, m, rows)
+    _write_generations(writer, shard, m, out)
+    return len(out)
+
+
 def _all_generations(w, cfg: PipelineConfig, models: list[ModelToEvaluate],
                      rows: dict[str, list[dict]]) -> list[dict]:
+    """Every model's generations, one shard per model: on Ray one task per model not done yet
+    (then all read back); here one after another (a shard done before a crash is read back)."""
+    shards = [f"generations-{i:05d}" for i in range(len(models))]
+    todo = [i for i, shard in enumerate(shards) if not w.has_shard(shard)]
+    if todo and cluster.uses_ray(cfg):
+        calls = [cluster.ShardCall((shards[i],), dict(cfg=cfg, shard=shards[i], m=models[i],
+                                                      rows=rows)) for i in todo]
+        cluster.run_shards(cfg, w, answer_shard_on_worker, calls, num_gpus=cluster.shard_gpus(cfg),
+                           desc="evaluate: models", stage="evaluate")
+        return [g for shard in shards for g in w.read_shard(shard).to_pylist()]
     generations: list[dict] = []
     with Progress(len(models), "evaluate: models") as bar:
-        for i, m in enumerate(models):
-            shard = f"generations-{i:05d}"
+        for m, shard in zip(models, shards):
             if w.has_shard(shard):  # done before a crash: read it back
                 generations += w.read_shard(shard).to_pylist()
             else:
                 out = generate_for_model(cfg, m, rows)
-                w.write_shard(shard, generations_table(out), kind="generations",
-                              info={"model": m.name, "seed": m.seed})
+                _write_generations(w, shard, m, out)
                 generations += out
             bar.update()
     return generations

@@ -20,6 +20,7 @@ from cot2align_core.prompts import ANSWER_PREFIX, cot_prompt
 from storage.schemas import rationales_table, read_rows
 from storage.store import open_artifact
 from tasks.common import StageRef, fitted_rows, logger, resolve_device, teacher_model_path
+from tasks import cluster
 from tasks.registry import StageKey
 from tasks.stage import Progress, kill_point, run_shard, run_stage
 
@@ -64,7 +65,8 @@ def generate_shard(cfg: PipelineConfig, writer, name: str, rows: list[dict], bac
     return {"rows": len(out), "kept": kept}
 
 
-def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None):
+def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None,
+                 engine_kwargs: dict | None = None):
     from cot2align_core.generation import HFOptions, VLLMOptions, make_backend
 
     g = cfg.generate
@@ -73,9 +75,49 @@ def open_backend(cfg: PipelineConfig, model_dir: str, kind: str, tokenizer=None)
         kind, model_dir,
         vllm=VLLMOptions(tensor_parallel_size=g.tensor_parallel_size,
                          gpu_memory_utilization=g.gpu_memory_utilization,
-                         dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
+                         dtype=cfg.teacher.dtype, max_model_len=g.max_model_len,
+                         engine_kwargs=engine_kwargs or {}),
         hf=HFOptions(device=device, dtype=cfg.teacher.dtype, max_model_len=g.max_model_len),
     )
+
+
+@task(name="generate-shard", task_run_name="generate-{name}", retries=2, retry_delay_seconds=2,
+      cache_policy=NONE)
+def generate_shard_on_worker(cfg: PipelineConfig, writer, name: str, rows: list[dict],
+                             model_dir: str) -> dict:
+    """:func:`generate_shard` on a Ray worker, with an engine of its own on the GPUs the task
+    was given (a live engine cannot travel). A tensor-parallel vLLM engine runs its ranks as
+    processes of this worker (``mp``): it must not ask Ray for GPUs the task already holds."""
+    extra = {"distributed_executor_backend": "mp"} if cfg.generate.tensor_parallel_size > 1 else {}
+    backend = open_backend(cfg, model_dir, cfg.generate.backend, engine_kwargs=extra)
+    try:
+        return {**generate_shard.fn(cfg, writer, name, rows, backend),
+                "backend": type(backend).__name__}
+    finally:
+        backend.close()
+
+
+def _generate_shards(cfg: PipelineConfig, w, shards: dict[str, list[dict]], todo: list[str],
+                     model_dir: str) -> str:
+    """Write the ``todo`` shards: on Ray, one task per shard; here, one after another through
+    one engine. Returns the backend used, for the summary."""
+    if cluster.uses_ray(cfg):
+        calls = [cluster.ShardCall((name,), dict(cfg=cfg, name=name, rows=shards[name],
+                                                  model_dir=model_dir)) for name in todo]
+        gpus = cluster.shard_gpus(cfg, cfg.generate.tensor_parallel_size)
+        done = cluster.run_shards(cfg, w, generate_shard_on_worker, calls, num_gpus=gpus,
+                                  desc="generate: rationale shards", stage="generate")
+        return f"{done[0]['backend']} on ray workers"
+    backend = open_backend(cfg, model_dir, cfg.generate.backend)
+    try:
+        with Progress(len(todo), "generate: rationale shards") as bar:
+            for name in todo:
+                run_shard(generate_shard, cfg, w, name, shards[name], backend)
+                bar.update()
+                kill_point("generate", "shard", len(w.done_shards()))
+    finally:
+        backend.close()
+    return type(backend).__name__
 
 
 @task(name="generate", cache_policy=NONE)
@@ -95,16 +137,7 @@ def generate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
                           len(shards) - len(todo), len(shards))
         used = "none (all shards done)"
         if todo:
-            backend = open_backend(cfg, teacher_model_path(cfg, upstream), cfg.generate.backend)
-            used = type(backend).__name__
-            try:
-                with Progress(len(todo), "generate: rationale shards") as bar:
-                    for name in todo:
-                        run_shard(generate_shard, cfg, w, name, shards[name], backend)
-                        bar.update()
-                        kill_point("generate", "shard", len(w.done_shards()))
-            finally:
-                backend.close()
+            used = _generate_shards(cfg, w, shards, todo, teacher_model_path(cfg, upstream))
         kept = sum(s.info.get("kept", 0) for s in w.shard_records())
         total = sum(s.rows for s in w.shard_records())
         return {"examples": len(candidates), **fit.summary(), "rationales": total,

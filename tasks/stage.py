@@ -242,13 +242,23 @@ def kill_point(stage: str, event: str, count: int) -> None:
 
     The stages call it after each committed shard (``generate:shard:N``,
     ``cache_teacher:shard:N``), after each optimizer step (``distill:step:N``,
-    ``teacher_sft:step:N``) and once training is done and saved but not yet committed
+    ``teacher_sft:step:N``), inside tokenize's shard task ``N`` between its two shards
+    (``tokenize:half-shard:N``), and once training is done and saved but not yet committed
     (``distill:trained:N``), so tests can kill a real run at a precise point and check that
-    the resumed run ends where an uninterrupted one does. Unset, it does nothing.
+    the resumed run ends where an uninterrupted one does. Unset, it does nothing. With
+    ``COT2ALIGN_KILL_ONCE`` set to a file path, only the first process to reach the point dies
+    (it creates that file first): a retried shard task then runs through.
     """
     import os
     import signal
 
     target = os.environ.get("COT2ALIGN_KILL_AT")
-    if target and target == f"{stage}:{event}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not target or target != f"{stage}:{event}:{count}":
+        return
+    once = os.environ.get("COT2ALIGN_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ its greedy exact match on the eval split is measured when answers are checkable.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -20,10 +21,10 @@ from cot2align_core.sft_data import build_sft_examples
 from cot2align_core.tokenization import pad_token_id
 from storage.schemas import read_rows
 from storage.store import open_artifact
-from tasks.common import StageError, StageRef, load_side_tokenizer, logger, resolve_device
+from tasks.common import StageError, StageRef, load_side_tokenizer, logger
 from tasks.registry import StageKey
 from tasks.stage import run_stage
-from tasks.training_run import build_model_for, seeded, train_and_save
+from tasks.training_run import TrainingJob, build_model_for, seeded, train_and_save
 
 
 def _greedy_check(cfg: PipelineConfig, model, tok, rows: list[dict]) -> dict[str, float]:
@@ -38,37 +39,45 @@ def _greedy_check(cfg: PipelineConfig, model, tok, rows: list[dict]) -> dict[str
     return out
 
 
+def teacher_sft_job(cfg: PipelineConfig, upstream: dict[str, StageRef],
+                    device: str) -> TrainingJob:
+    """The teacher's fine-tuning run on ``device``: both forms of the training rows (cut to
+    fit), the teacher (seeded, LoRA adapters too)."""
+    from cot2align_core.training import collate_sft, sft_loss
+
+    prep = open_artifact(upstream["prepare"].path)
+    tok = load_side_tokenizer(cfg, "teacher", upstream)
+    t = cfg.teacher_sft.training
+    forms = ("standard", "cot") if cfg.teacher_sft.use_gold_rationales else ("standard",)
+    examples, fit = build_sft_examples(read_rows(prep, "train"), {"teacher": tok}, "teacher",
+                                       forms, max_length=t.max_length,
+                                       max_prompt_length=cfg.tokenize.max_prompt_length,
+                                       truncation=cfg.tokenize.truncate_input)
+    if not examples:
+        raise StageError("teacher_sft: no training example fits teacher_sft.training."
+                         "max_length / tokenize.max_prompt_length; raise them")
+    with seeded(cfg.seed):  # LoRA adapters too
+        model = build_model_for(cfg, "teacher", tok, device, seed=cfg.seed)
+    pad = pad_token_id(tok)
+    return TrainingJob(model=model, tokenizer=tok, loss_fn=sft_loss, data=examples,
+                       collate_fn=lambda rows: collate_sft(rows, pad), training=t,
+                       seed=cfg.seed, lora=bool(cfg.teacher.lora_rank), info={"fit": fit})
+
+
 @task(name="teacher_sft", cache_policy=NONE)
 def teacher_sft_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[str, StageRef],
                       force: bool = False) -> StageRef:
     def body(w) -> dict:
-        from cot2align_core.training import collate_sft, sft_loss
-
-        prep = open_artifact(upstream["prepare"].path)
-        tok = load_side_tokenizer(cfg, "teacher", upstream)
-        t = cfg.teacher_sft.training
-        device = resolve_device(t.device)
-        forms = ("standard", "cot") if cfg.teacher_sft.use_gold_rationales else ("standard",)
-        examples, fit = build_sft_examples(read_rows(prep, "train"), {"teacher": tok}, "teacher",
-                                           forms, max_length=t.max_length,
-                                           max_prompt_length=cfg.tokenize.max_prompt_length,
-                                           truncation=cfg.tokenize.truncate_input)
+        result, job = train_and_save(w, cfg, partial(teacher_sft_job, cfg, upstream),
+                                     training=cfg.teacher_sft.training, label=str(key))
+        fit = job.info["fit"]
         logger().info(fit.log_line("teacher_sft"))
-        if not examples:
-            raise StageError("teacher_sft: no training example fits teacher_sft.training."
-                             "max_length / tokenize.max_prompt_length; raise them")
-        with seeded(cfg.seed):  # LoRA adapters too
-            model = build_model_for(cfg, "teacher", tok, device, seed=cfg.seed)
-        pad = pad_token_id(tok)
-        result = train_and_save(w, model, tok, sft_loss, examples,
-                                lambda rows: collate_sft(rows, pad), t=t, seed=cfg.seed,
-                                label=str(key), lora=bool(cfg.teacher.lora_rank))
         w.info["fit"] = fit.as_dict()
-        summary = {"examples": len(examples), **fit.summary(), "steps": result.steps_done,
+        summary = {"examples": len(job.data), **fit.summary(), "steps": result.steps_done,
                    "final_loss": round(result.final_loss or float("nan"), 4)}
-        eval_rows = read_rows(prep, "eval")[:200]
+        eval_rows = read_rows(open_artifact(upstream["prepare"].path), "eval")[:200]
         if cfg.data.checkable_answers and eval_rows:
-            summary.update(_greedy_check(cfg, model, tok, eval_rows))
+            summary.update(_greedy_check(cfg, job.model, job.tokenizer, eval_rows))
         return summary
 
     return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -17,8 +17,9 @@ from cot2align_core.tokenization import TokenizedExample, response_ids
 from storage.schemas import read_rows, tokenized_table
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, logger, tokenizer_path
+from tasks import cluster
 from tasks.registry import StageKey
-from tasks.stage import Progress, run_shard, run_stage
+from tasks.stage import Progress, kill_point, run_shard, run_stage
 
 
 def chosen_rationales(generate_artifact) -> dict[str, str]:
@@ -75,9 +76,28 @@ def tokenize_shard(cfg: PipelineConfig, writer, index: int, items, toks, mined: 
             srow["mined_alignment"] = alignment_tensor(pairs, len(s_strs)).tolist()
     writer.write_shard(f"teacher-{index:05d}", tokenized_table(teacher_rows, "teacher"),
                        kind="teacher")
+    kill_point("tokenize", "half-shard", index)  # crash tests: a task killed between its shards
     writer.write_shard(f"student-{index:05d}", tokenized_table(student_rows, "student"),
                        kind="student", info={"fit": stats.as_dict()})
     return stats.as_dict()
+
+
+def _tokenize_chunks(cfg: PipelineConfig, w, chunks: list, toks: dict, mined: bool) -> None:
+    """Write the chunks' shards not yet whole: on Ray, one CPU task per chunk; here, one after
+    another."""
+    names = [(f"teacher-{i:05d}", f"student-{i:05d}") for i in range(len(chunks))]
+    todo = [i for i, pair in enumerate(names) if not all(map(w.has_shard, pair))]
+    if todo and cluster.uses_ray(cfg):
+        calls = [cluster.ShardCall(names[i], dict(cfg=cfg, index=i, items=chunks[i], toks=toks,
+                                                  mined=mined)) for i in todo]
+        cluster.run_shards(cfg, w, tokenize_shard, calls, num_gpus=0, desc="tokenize: shards",
+                           stage="tokenize")
+        return
+    with Progress(len(chunks), "tokenize: shards") as bar:
+        for i in range(len(chunks)):
+            if i in todo:
+                run_shard(tokenize_shard, cfg, w, i, chunks[i], toks, mined)
+            bar.update()
 
 
 @task(name="tokenize", cache_policy=NONE)
@@ -93,11 +113,7 @@ def tokenize_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
         size = cfg.tokenize.shard_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         mined = cfg.needs_mined_alignment()
-        with Progress(len(chunks), "tokenize: shards") as bar:
-            for i, chunk in enumerate(chunks):
-                if not (w.has_shard(f"teacher-{i:05d}") and w.has_shard(f"student-{i:05d}")):
-                    run_shard(tokenize_shard, cfg, w, i, chunk, toks, mined)
-                bar.update()
+        _tokenize_chunks(cfg, w, chunks, toks, mined)
         fit = FitStats()  # every shard's counts, whether written now or before a crash
         for rec in w.shard_records():
             if rec.kind == "student":

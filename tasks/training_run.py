@@ -1,18 +1,56 @@
 """A training run inside a stage: build the model from the config (seeded), train it with
 checkpoints inside the artifact, and save what users load (shared by teacher_sft and distill).
+
+A stage describes its run as a :data:`JobBuilder`, ``build(device) -> TrainingJob``: a
+module-level function with its arguments bound, so that the same run can be built again
+elsewhere. With the local engine it is built once and trained here. With the Ray engine
+(``cluster.engine: ray``) every rank builds it on its own device and trains its share of each
+global batch (:func:`train_rank`, launched by Ray Train with ``cluster.workers`` ranks); rank 0
+leaves its checkpoints in the artifact, and the stage's own copy of the job loads the final
+one, then is saved exactly as a local run's.
 """
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import torch
 
 from cot2align_core.config import PipelineConfig, TrainingConfig
-from tasks.common import logger
+from tasks import cluster
+from tasks.common import StageError, logger, resolve_device
 from tasks.registry import StageKey
 from tasks.stage import kill_point
+
+
+@dataclass
+class TrainingJob:
+    """Everything one training run needs, built by its stage for one device.
+
+    ``objective``: the learned part of the loss (distill's projector...), saved by the stage;
+    ``info``: values the stage's summary reports (e.g. how many examples were cut to fit).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    loss_fn: Callable
+    data: Any
+    collate_fn: Callable
+    training: TrainingConfig
+    seed: int
+    lora: bool
+    extra_param_groups: list[dict[str, Any]] = field(default_factory=list)
+    objective: torch.nn.Module | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+#: ``build(device) -> TrainingJob``; picklable (e.g. ``functools.partial`` of a module-level
+#: function), since every rank of a distributed run builds its own.
+JobBuilder = Callable[[str], TrainingJob]
 
 
 @contextmanager
@@ -66,22 +104,24 @@ def log_every_n(label: str, n: int = 50):
     return on_log
 
 
-def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Callable, *,
-                   t: TrainingConfig, seed: int, label: str, lora: bool,
-                   extra_param_groups: list[dict[str, Any]] = ()):
-    """Train ``model`` (resuming from the artifact's checkpoints), then write ``model/``
-    (save_pretrained, LoRA merged in) and the ``history`` shard; the checkpoints (optimizer
-    state) are removed once the result is saved. Returns the TrainResult."""
-    from cot2align_core.training import train
-
-    import math
-
-    from storage.checkpoints import CheckpointDir
+def checkpoint_folder(w, on_ray: bool) -> str:
+    """Where a run's checkpoints go: ``checkpoints/`` inside the unfinished artifact (removed
+    when it commits). A remote store's writer gives a staging folder of this machine, which
+    ranks on other nodes cannot reach: they write to the store's URL instead."""
     from storage.shards import CHECKPOINTS_DIR
+
+    if on_ray and not w.fs.is_local:
+        return w.fs.url(w.fs.join(w.dir, CHECKPOINTS_DIR))
+    return str(w.file_path(CHECKPOINTS_DIR))
+
+
+def _train_here(job: TrainingJob, checkpointer, label: str):
+    """Train the job in this process, with a progress bar and the crash-test hooks."""
+    from cot2align_core.training import train
     from tasks.stage import Progress, stop_at_step_boundary
 
-    checkpointer = CheckpointDir(w.file_path(CHECKPOINTS_DIR), keep_last=t.keep_last)
-    total = t.steps or math.ceil(t.epochs * math.ceil(len(data) / t.batch_size))
+    t = job.training
+    total = t.steps or math.ceil(t.epochs * math.ceil(len(job.data) / t.batch_size))
     log = log_every_n(label)
     if steps := checkpointer.steps():
         logger().info("%s: resumed from checkpoint step %d of %d", label, steps[-1], total)
@@ -94,19 +134,98 @@ def train_and_save(w, model, tokenizer, loss_fn: Callable, data, collate_fn: Cal
             bar.update(rec["step"] - bar.done)  # a resumed run starts past step 0
             check()  # SIGTERM: stop here, between two steps
 
-        result = train(model, loss_fn, data, collate_fn=collate_fn,
-                       extra_param_groups=extra_param_groups, checkpointer=checkpointer,
-                       on_log=on_log, **train_kwargs(t, seed))
-    if lora:
+        return train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
+                     extra_param_groups=job.extra_param_groups, checkpointer=checkpointer,
+                     on_log=on_log, **train_kwargs(t, job.seed))
+
+
+def _train_on_ranks(cfg: PipelineConfig, build: JobBuilder, job: TrainingJob, folder: str,
+                    checkpointer, label: str):
+    """Train on the Ray cluster's ranks, then load their final checkpoint into ``job``."""
+    from cot2align_core.config import ConfigError
+    from cot2align_core.training import check_world_size, train
+
+    try:  # here, not in the ranks: a clear error rather than failed ranks restarting
+        check_world_size(len(job.data), job.training.batch_size, False, cfg.cluster.workers)
+    except ValueError as err:
+        raise ConfigError(f"{label}: cluster.workers {cfg.cluster.workers}: {err}") from None
+    cluster.train_on_ray(cfg, train_rank, {"build": build, "checkpoints": folder,
+                                           "label": label, "strategy": cfg.cluster.strategy,
+                                           "threads": cfg.threads,
+                                           "env": cluster.task_env(cfg)}, label=label)
+    result = train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
+                   extra_param_groups=job.extra_param_groups, checkpointer=checkpointer,
+                   max_steps=0, **train_kwargs(job.training, job.seed))
+    if result.steps_done < result.total_steps:
+        raise StageError(f"{label}: the distributed run ended at step {result.steps_done} of "
+                         f"{result.total_steps} (no final checkpoint in {folder}); rerun to "
+                         "resume it")
+    logger().info("%s: trained on %d ranks; loaded their final checkpoint (step %d)", label,
+                  cfg.cluster.workers, result.steps_done)
+    return result
+
+
+def train_and_save(w, cfg: PipelineConfig, build: JobBuilder, *, training: TrainingConfig,
+                   label: str):
+    """Build the job and train it (resuming from the artifact's checkpoints): here, or on the
+    Ray cluster's ranks; then write ``model/`` (save_pretrained, LoRA merged in) and the
+    ``history`` shard. The checkpoints stay until the artifact commits. Returns
+    ``(TrainResult, TrainingJob)``."""
+    from storage.checkpoints import CheckpointDir
+
+    on_ray = cluster.uses_ray(cfg)
+    # On Ray the ranks train; this copy only receives the result (kept off the GPUs).
+    job = build("cpu" if on_ray else resolve_device(training.device))
+    folder = checkpoint_folder(w, on_ray)
+    checkpointer = CheckpointDir(folder, keep_last=training.keep_last)
+    if on_ray:
+        result = _train_on_ranks(cfg, build, job, folder, checkpointer, label)
+    else:
+        result = _train_here(job, checkpointer, label)
+    if job.lora:
         from cot2align_core.lora import merge_lora
 
-        merge_lora(model)
+        merge_lora(job.model)
     out = w.file_path("model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    job.model.save_pretrained(out)
+    job.tokenizer.save_pretrained(out)
     w.add_file("model")
     w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
     kill_point(StageKey.parse(label).stage, "trained", result.steps_done)  # crash tests
     # The checkpoints stay until the artifact commits (the store removes them then): a kill
     # from here to the commit resumes at the last step instead of training again.
-    return result
+    return result, job
+
+
+def train_rank(config: dict[str, Any]) -> None:
+    """One rank of a distributed run (Ray Train's ``train_loop_per_worker``): build the job
+    on this rank's device, join the process group, train this rank's share; rank 0 writes
+    the checkpoints to ``config["checkpoints"]`` (resumed from after a restart) and logs.
+    The crash-test hook ``<stage>:step:N`` kills rank 0 after step N (use it with
+    ``COT2ALIGN_KILL_ONCE``: the restarted ranks reach step N again)."""
+    import os
+
+    import ray.train.torch
+
+    from cot2align_core.distributed import init_distributed
+    from cot2align_core.training import train
+    from storage.checkpoints import CheckpointDir
+
+    os.environ.update(config["env"])
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    ctx = init_distributed(ray.train.torch.get_device(), strategy=config["strategy"])
+    job = config["build"](str(ctx.device))
+    t = job.training
+    stage, log = StageKey.parse(config["label"]).stage, log_every_n(config["label"])
+
+    def on_log(rec: dict) -> None:  # rank 0 only
+        kill_point(stage, "step", rec["step"])
+        log(rec)
+
+    train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
+          extra_param_groups=job.extra_param_groups,
+          checkpointer=CheckpointDir(config["checkpoints"], keep_last=t.keep_last),
+          on_log=on_log, dist=ctx, **train_kwargs(t, job.seed))
