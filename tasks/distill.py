@@ -19,10 +19,12 @@ from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig
 from storage.store import open_artifact
-from tasks.common import StageRef, build_objective, load_side_tokenizer, teacher_tensors
+from tasks.common import (StageRef, build_objective, fitted_rows, load_side_tokenizer,
+                          teacher_tensors)
 from tasks.registry import StageKey
 from tasks.stage import run_stage
-from tasks.training_run import TrainingJob, build_model_for, seeded, train_and_save
+from tasks.training_run import (Evaluation, TrainingJob, build_model_for, seeded,
+                                train_and_save)
 
 
 def distill_job(cfg: PipelineConfig, key: StageKey, upstream: dict[str, StageRef],
@@ -59,7 +61,34 @@ def distill_job(cfg: PipelineConfig, key: StageKey, upstream: dict[str, StageRef
                                                                 with_teacher=with_teacher),
                        training=student.training, seed=key.seed,
                        lora=bool(cfg.student.lora_rank), extra_param_groups=extra,
-                       objective=objective)
+                       objective=objective, evaluation=dev_selection(cfg, upstream, tok))
+
+
+def dev_selection(cfg: PipelineConfig, upstream: dict[str, StageRef], tok) -> Evaluation | None:
+    """Every ``distill.selection.every`` steps: the student's greedy score on the dev split
+    (``dev/<metric>/<form>`` and their mean ``dev/score``), the best step's weights kept."""
+    from cot2align_core.answers import checker
+    from cot2align_core.evaluation import greedy_score
+    from storage.schemas import read_rows
+
+    sel = cfg.distill.selection
+    if not sel.every:
+        return None
+    rows = read_rows(open_artifact(upstream["prepare"].path), "dev")[: sel.max_rows]
+    by_form = {form: fitted_rows(cfg, upstream, rows, form)[0] for form in sel.forms}
+    metric = cfg.selection_metric()
+    check = checker(cfg.data.answer_format) if cfg.data.checkable_answers else None
+
+    def score(model, step: int) -> dict[str, float]:
+        out = {}
+        for form, form_rows in by_form.items():
+            s = greedy_score(model, tok, form_rows, [form], metric=metric,
+                             max_tokens=sel.max_tokens, checker=check)
+            out[f"dev/{metric}/{form}"] = s["score"]
+        out["dev/score"] = sum(out.values()) / len(out)
+        return out
+
+    return Evaluation(sel.every, score, select="dev/score")
 
 
 @task(name="distill", task_run_name="{key}", cache_policy=NONE)
@@ -73,9 +102,12 @@ def distill_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[st
         torch.save(job.objective.state_dict(), w.file_path("objective.pt"))
         w.add_file("objective.pt")
         last = result.history[-1] if result.history else {}
-        return {"student": key.label, "seed": key.seed, "examples": len(job.data),
-                "steps": result.steps_done,
-                "final_loss": round(float(last.get("loss", float("nan"))), 4),
-                "objective": student.objective.describe()}
+        summary = {"student": key.label, "seed": key.seed, "examples": len(job.data),
+                   "steps": result.steps_done,
+                   "final_loss": round(float(last.get("loss", float("nan"))), 4),
+                   "objective": student.objective.describe()}
+        if result.best_step is not None:  # the weights saved are the best dev step's
+            summary.update(best_step=result.best_step, best_dev_score=round(result.best_metric, 2))
+        return summary
 
     return run_stage(cfg, key, fp, upstream, body, force=force)

@@ -46,6 +46,19 @@ class TrainingJob:
     extra_param_groups: list[dict[str, Any]] = field(default_factory=list)
     objective: torch.nn.Module | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    evaluation: "Evaluation | None" = None
+
+
+@dataclass
+class Evaluation:
+    """What the training loop measures every ``every`` steps (and at the last step):
+    ``fn(model, step) -> {metric: value}``, merged into that step's history record. With
+    ``select``, the step with the best (highest) ``select`` metric is the one whose weights are
+    saved (the paper keeps the best checkpoint on the dev split)."""
+
+    every: int
+    fn: Callable[[torch.nn.Module, int], dict[str, float]]
+    select: str | None = None
 
 
 #: ``build(device) -> TrainingJob``; picklable (e.g. ``functools.partial`` of a module-level
@@ -83,11 +96,16 @@ def build_model_for(cfg: PipelineConfig, side: str, tokenizer, device: str, seed
     return model
 
 
-def train_kwargs(t: TrainingConfig, seed: int) -> dict:
+def train_kwargs(job: TrainingJob) -> dict:
+    """The training loop's arguments for ``job`` (the same on every rank and on resume)."""
+    t, e = job.training, job.evaluation
+    evaluation = {} if e is None else dict(
+        eval_every=e.every, eval_fn=e.fn, select_metric=e.select, select_mode="max",
+        restore_best=e.select is not None)
     return dict(batch_size=t.batch_size, lr=t.lr, steps=t.steps, epochs=t.epochs,
                 weight_decay=t.weight_decay, grad_clip=t.grad_clip, schedule=t.schedule,
-                warmup_steps=t.warmup_steps, seed=seed, checkpoint_every=t.checkpoint_every,
-                resume=True)
+                warmup_steps=t.warmup_steps, seed=job.seed, checkpoint_every=t.checkpoint_every,
+                resume=True, **evaluation)
 
 
 def log_every_n(label: str, n: int = 50):
@@ -136,7 +154,7 @@ def _train_here(job: TrainingJob, checkpointer, label: str):
 
         return train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
                      extra_param_groups=job.extra_param_groups, checkpointer=checkpointer,
-                     on_log=on_log, **train_kwargs(t, job.seed))
+                     on_log=on_log, **train_kwargs(job))
 
 
 def _train_on_ranks(cfg: PipelineConfig, build: JobBuilder, job: TrainingJob, folder: str,
@@ -155,7 +173,7 @@ def _train_on_ranks(cfg: PipelineConfig, build: JobBuilder, job: TrainingJob, fo
                                            "env": cluster.task_env(cfg)}, label=label)
     result = train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
                    extra_param_groups=job.extra_param_groups, checkpointer=checkpointer,
-                   max_steps=0, **train_kwargs(job.training, job.seed))
+                   max_steps=0, **train_kwargs(job))
     if result.steps_done < result.total_steps:
         raise StageError(f"{label}: the distributed run ended at step {result.steps_done} of "
                          f"{result.total_steps} (no final checkpoint in {folder}); rerun to "
@@ -190,11 +208,18 @@ def train_and_save(w, cfg: PipelineConfig, build: JobBuilder, *, training: Train
     job.model.save_pretrained(out)
     job.tokenizer.save_pretrained(out)
     w.add_file("model")
-    w.write_shard("history", pa.Table.from_pylist(result.history), kind="history")
+    w.write_shard("history", history_table(result.history), kind="history")
     kill_point(StageKey.parse(label).stage, "trained", result.steps_done)  # crash tests
     # The checkpoints stay until the artifact commits (the store removes them then): a kill
     # from here to the commit resumes at the last step instead of training again.
     return result, job
+
+
+def history_table(history: list[dict[str, Any]]) -> pa.Table:
+    """One row per step, one column per key any step has (evaluation metrics appear only at
+    the steps that measured them: null elsewhere)."""
+    keys = list(dict.fromkeys(k for rec in history for k in rec))
+    return pa.Table.from_pylist([{k: rec.get(k) for k in keys} for rec in history])
 
 
 def train_rank(config: dict[str, Any]) -> None:
@@ -228,4 +253,4 @@ def train_rank(config: dict[str, Any]) -> None:
     train(job.model, job.loss_fn, job.data, collate_fn=job.collate_fn,
           extra_param_groups=job.extra_param_groups,
           checkpointer=CheckpointDir(config["checkpoints"], keep_last=t.keep_last),
-          on_log=on_log, dist=ctx, **train_kwargs(t, job.seed))
+          on_log=on_log, dist=ctx, **train_kwargs(job))

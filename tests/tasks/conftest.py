@@ -19,6 +19,7 @@ def task_cfg(tmp_path_factory):
                                                         "ot": None}},
                                   "dskd": {"objective": {"ot": None}}}
     raw["evaluate"].update(seeds=[0], decoding=["greedy", "sampled"], max_rows=3, max_tokens=8)
+    raw["distill"]["selection"] = {"every": 3, "max_rows": 4, "max_tokens": 8}
     return parse_config(raw)
 
 

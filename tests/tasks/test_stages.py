@@ -97,3 +97,19 @@ def test_a_missing_upstream_names_the_artifact_and_the_command(task_cfg, tmp_pat
     cfg = task_cfg.model_copy(update={"store": str(tmp_path / "empty")})
     with pytest.raises(StageError, match=r"needs the 'prepare' artifact.*cot2align stage prepare"):
         upstream_refs(ArtifactStore(cfg.store), cfg, StageKey("distill", "sft", 0))
+
+
+def test_students_keep_their_best_dev_step(task_store):
+    """With distill.selection, every student is scored greedily on the dev split every N steps
+    (and at the last), the scores go to its history, and the weights it saves are those of
+    the best step (the earliest of equal scores)."""
+    cfg, refs = task_store
+    for label in ("cot2align", "sft", "dskd"):
+        ref = refs[f"distill[{label},seed=0]"]
+        hist = artifact(ref).read_table("history").to_pylist()
+        scored = {r["step"]: r["dev/score"] for r in hist if r.get("dev/score") is not None}
+        assert sorted(scored) == [3, 6]
+        assert all(f"dev/exact_match/{f}" in hist[2] for f in cfg.distill.selection.forms)
+        best = max(scored.values())
+        assert ref.summary["best_step"] == min(s for s, v in scored.items() if v == best)
+        assert ref.summary["best_dev_score"] == round(best, 2)
