@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from cot2align_core.config import parse_config
-from tests.flows.conftest import tiny_config_dict
+from cot2align_core.config import parse_config, read_config_data
+from tests.flows.conftest import REPO, tiny_config_dict
 
 
 @pytest.fixture(scope="session")
 def task_cfg(tmp_path_factory):
     raw = tiny_config_dict(tmp_path_factory.mktemp("task-store") / "store")
     raw["generate"]["backend"] = "hf"
-    raw["distill"]["students"] = {"sft": {"objective": {"alpha": 0.0, "kd_base": "none",
-                                                        "ot": None}},
-                                  "dskd": {"objective": {"ot": None}}}
+    # Every student of the paper-table grid (KD bases alone and with CoT2Align, ablations):
+    # each must resolve, train and be evaluated.
+    grid = read_config_data(REPO / "configs" / "paper_table_demo.yaml")
+    raw["distill"]["students"] = grid["distill"]["students"]
     raw["evaluate"].update(seeds=[0], decoding=["greedy", "sampled"], max_rows=3, max_tokens=8)
     raw["distill"]["selection"] = {"every": 3, "max_rows": 4, "max_tokens": 8}
     return parse_config(raw)

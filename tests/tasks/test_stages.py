@@ -55,9 +55,18 @@ def test_each_student_trains_with_its_own_objective(task_store):
     assert all(r["kd"] == 0 and r["ot"] == 0 for r in hist["sft"])
     assert all(r["kd"] > 0 and r["ot"] == 0 for r in hist["dskd"])
     assert all(r["kd"] > 0 and r["ot"] > 0 for r in hist["cot2align"])
-    summaries = {label: refs[f"distill[{label},seed=0]"].summary["objective"]
-                 for label in hist}
-    assert summaries == {"cot2align": "dskd+ot", "sft": "sft", "dskd": "dskd"}
+    summaries = {label: ref.summary["objective"] for key, ref in refs.items()
+                 if (label := StageKey.parse(key).label) is not None}
+    assert summaries == {"cot2align": "dskd+ot", "sft": "sft", "dskd": "dskd", "uld": "uld",
+                         "uld_cot2align": "uld+ot", "mined": "mined",
+                         "mined_cot2align": "mined+ot", "no_cross": "dskd+ot",
+                         "no_cross_b": "dskd+ot", "last_layer_only": "dskd+ot"}
+    for label in ("no_cross", "no_cross_b", "last_layer_only", "uld_cot2align"):
+        h = artifact(refs[f"distill[{label},seed=0]"]).read_table("history").to_pylist()
+        assert all(r["ot"] > 0 for r in h), label
+    cross_b = [k for k in artifact(refs["distill[no_cross_b,seed=0]"]).read_table("history")
+               .column_names if k.startswith("ot/cross_b")]
+    assert cross_b == []  # the ablation really drops the term
 
 
 def test_evaluate_scores_every_model_and_compares_with_the_references(task_store):
@@ -66,12 +75,14 @@ def test_evaluate_scores_every_model_and_compares_with_the_references(task_store
     gens = art.read_kind("generations").to_pylist()
     n_rows = cfg.evaluate.max_rows
     models = {(g["model"], g["seed_of_model"]) for g in gens}
-    assert models == {("cot2align", 0), ("sft", 0), ("dskd", 0), ("teacher", None)}
+    assert models == {(st.label, 0) for st in cfg.students()} | {("teacher", None)}
     per_model = len(cfg.evaluate.forms) * (1 + len(cfg.evaluate.seeds)) * n_rows
     assert len(gens) == len(models) * per_model
     diffs = art.read_table("differences").to_pylist()
-    assert {(d["model"], d["reference"]) for d in diffs} == {
-        ("cot2align", "sft"), ("cot2align", "dskd"), ("dskd", "sft")}
+    pairs = {(d["model"], d["reference"]) for d in diffs}
+    assert {("cot2align", "sft"), ("cot2align", "dskd"), ("dskd", "sft"),
+            ("uld_cot2align", "uld"), ("mined_cot2align", "mined"), ("no_cross", "dskd")} <= pairs
+    assert ("uld_cot2align", "dskd") not in pairs and ("sft", "dskd") not in pairs
     assert all(d["low"] <= d["diff"] <= d["high"] for d in diffs)
     metrics = art.read_table("metrics").to_pylist()
     teacher = [m for m in metrics if m["model"] == "teacher"]
