@@ -13,38 +13,35 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cot2align_core.config import ObjectiveConfig, PipelineConfig
+from cot2align_core.config import PipelineConfig
 from storage.store import open_artifact
 from tasks.common import StageRef, load_side_tokenizer, resolve_device
 from tasks.stage import run_stage
 from tasks.training_run import build_model_for, seeded, train_and_save
 
 
-def objective_weights(o: ObjectiveConfig):
-    from cot2align_core.objective import ObjectiveWeights, OTSettings
+def teacher_num_layers(cfg: PipelineConfig) -> int:
+    """The teacher's depth (the objective maps depth-fraction OT layers with it)."""
+    if cfg.teacher.scratch is not None:
+        return cfg.teacher.scratch.num_layers
+    from transformers import AutoConfig
 
-    ot = None
-    if o.ot is not None and o.ot.weight > 0:
-        ot = OTSettings(cost=o.ot.cost, eps=o.ot.eps, max_iter=o.ot.max_iter, tol=o.ot.tol,
-                        grad=o.ot.grad, layers=tuple(o.ot.layers), pairs=dict(o.ot.pairs),
-                        weight=o.ot.weight)
-    return ObjectiveWeights(alpha=o.alpha, kd_base=o.kd_base, kd_temperature=o.kd_temperature,
-                            kd_weight=o.kd_weight, ot=ot)
+    return AutoConfig.from_pretrained(cfg.teacher.pretrained).num_hidden_layers
 
 
 def build_objective(cfg: PipelineConfig, upstream: dict[str, StageRef], student_dim: int,
                     teacher_dim: int):
     from cot2align_core.objective import CoT2AlignObjective
 
-    weights = objective_weights(cfg.distill.objective)
+    objective = cfg.distill.objective
     vocab_map = None
-    if weights.uses_kd and weights.kd_base == "mined":
+    if objective.uses_kd and objective.kd_base == "mined":
         from cot2align_core.mined import build_vocab_mapping
 
         vocab_map = build_vocab_mapping(load_side_tokenizer(cfg, "teacher", upstream),
                                         load_side_tokenizer(cfg, "student", upstream))
-    return CoT2AlignObjective(weights, student_dim=student_dim, teacher_dim=teacher_dim,
-                              vocab_map=vocab_map)
+    return CoT2AlignObjective(objective, student_dim=student_dim, teacher_dim=teacher_dim,
+                              teacher_num_layers=teacher_num_layers(cfg), vocab_map=vocab_map)
 
 
 def teacher_tensors(cache_artifact, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,8 +84,8 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         device = resolve_device(t.device)
         tok = load_side_tokenizer(cfg, "student", upstream)
         cache = open_artifact(upstream["cache_teacher"].path)
-        weights = objective_weights(cfg.distill.objective)
-        with_teacher = weights.uses_kd or weights.uses_ot
+        objective_cfg = cfg.distill.objective
+        with_teacher = objective_cfg.uses_kd or objective_cfg.uses_ot
         dataset = DistillDataset.from_artifacts(open_artifact(upstream["tokenize"].path),
                                                 cache if with_teacher else None)
         embed, head = teacher_tensors(cache, device)
@@ -116,7 +113,7 @@ def distill_stage(cfg: PipelineConfig, fp: str, upstream: dict[str, StageRef],
         last = result.history[-1] if result.history else {}
         return {"examples": len(dataset), "steps": result.steps_done,
                 "final_loss": round(float(last.get("loss", float("nan"))), 4),
-                "objective": cfg.distill.objective.kd_base + ("+ot" if weights.uses_ot else "")
+                "objective": cfg.distill.objective.kd_base + ("+ot" if objective_cfg.uses_ot else "")
                 if cfg.distill.objective.alpha > 0 else "sft"}
 
     return run_stage(cfg, "distill", fp, upstream, body, force=force, label=label)

@@ -106,9 +106,9 @@ def transport_plan_figure(cfg: PipelineConfig, upstream: dict[str, StageRef], ou
     from cot2align_core.modeling import load_model, load_tokenizer
     from cot2align_core.report import plot_transport_plan
     from storage.distill_dataset import DistillDataset
-    from tasks.distill import build_objective, objective_weights, teacher_tensors
+    from tasks.distill import build_objective, teacher_tensors
 
-    if objective_weights(cfg.distill.objective).ot is None:
+    if not cfg.distill.objective.uses_ot:
         return False
     distill = Path(upstream["distill"].path)
     tokenized, cache = distill_inputs(upstream["distill"])
