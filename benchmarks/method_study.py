@@ -72,7 +72,8 @@ def variant_objective(base: dict, spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ one student
-def _load(config: str, overrides: list[str]):
+def load_artifacts(config: str, overrides: list[str]):
+    """(config, upstream refs of distill, the teacher_sft artifact or None) of a config."""
     from cot2align_core.config import load_config
     from tasks.common import plan, upstream_refs
     from tasks.stage import open_store
@@ -141,7 +142,7 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
     from tasks.distill import teacher_num_layers, teacher_tensors
     from tasks.training_run import build_model_for, seeded
 
-    cfg, refs, _ = _load(config, overrides)
+    cfg, refs, _ = load_artifacts(config, overrides)
     objective_cfg = ObjectiveConfig.model_validate(
         variant_objective(cfg.distill.objective.model_dump(mode="json"), spec))
     cfg.distill.objective = objective_cfg
@@ -189,7 +190,7 @@ def score_teacher(config: str, overrides: list[str], split: str) -> dict:
     torch.set_num_threads(1)
     from cot2align_core.modeling import load_model, load_tokenizer
 
-    cfg, refs, teacher_sft = _load(config, overrides)
+    cfg, refs, teacher_sft = load_artifacts(config, overrides)
     model = load_model(str(Path(teacher_sft.path) / "model"), "float32", "cpu")
     tok = load_tokenizer(Path(teacher_sft.path) / "model")
     return score(model, tok, eval_rows(cfg, refs, split), cfg.evaluate.max_tokens)
@@ -255,7 +256,7 @@ def main() -> None:
     for v in args.variants:
         name, _, raw = v.partition("=")
         specs[name] = json.loads(raw) if raw else VARIANTS[name]
-    cfg, _, _ = _load(args.config, args.overrides)
+    cfg, _, _ = load_artifacts(args.config, args.overrides)
     steps = args.steps or cfg.distill.training.steps or math.nan
     done = {(r["variant"], r["seed"], r["split"], r["steps"]) for r in read_results(out)}
     todo = [(n, s) for n in specs for s in args.seeds

@@ -89,13 +89,14 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cot2align_core.batching import LAST, StudentBatch, StudentRun, TeacherBatch
 from cot2align_core.config import FORMS, ObjectiveConfig, OTConfig
 from cot2align_core.kd_bases import build_kd_base
 from cot2align_core.losses import ce_at_positions, gather_positions, response_positions
-from cot2align_core.ot import ot_alignment_loss, pairwise_cost, sinkhorn
+from cot2align_core.ot import pairwise_cost, sinkhorn
 
 __all__ = [
     "PAIRS",
@@ -237,11 +238,12 @@ class OTAlignment(nn.Module):
             return self.maps[self.names.index(name)](x), y
         return x, self.projector(y)
 
-    def values(self, run: StudentRun, tb: TeacherBatch, name: str,
-               teacher_embed: Tensor | None, *, shift: int = 0) -> Tensor | None:
-        """Per-example OT costs ``[k]`` between the student run and the teacher, on the ``k``
-        rows that have both sides (None if none). ``shift`` pairs the ``i``-th such student
-        with the teacher of the ``(i + shift) mod k``-th (a shuffled control)."""
+    def problem(self, run: StudentRun, tb: TeacherBatch, name: str,
+                teacher_embed: Tensor | None, *, shift: int = 0):
+        """The OT problems of one pair and layer: ``(x, y, x_mask, y_mask)`` on the ``k`` rows
+        that have both sides (None if none), with ``x [k, R_s, D]``, ``y [k, R_t, D]`` in the
+        common space. ``shift`` pairs the ``i``-th such student with the teacher of the
+        ``(i + shift) mod k``-th (a shuffled control)."""
         both = (run.slot >= 0) & tb.present.to(run.slot.device).bool()
         rows = torch.nonzero(both).squeeze(1)
         if rows.numel() == 0 or (shift and rows.numel() < 2):
@@ -249,10 +251,30 @@ class OTAlignment(nn.Module):
         t_sel = tb.select(rows.roll(-shift).to(tb.present.device))
         s = run.slot[rows]
         x, y = self.sides(run.hidden[name][s], t_sel, name, teacher_embed)
+        return x, y, run.mask[s], t_sel.mask.to(x.device)
+
+    def solve(self, problems: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> list[Tensor]:
+        r"""Per-example OT costs :math:`\langle T^\star, C \rangle` of groups of problems
+        (:meth:`problem`), ``[k_g]`` each, with uniform weights on the valid tokens.
+
+        All groups (pairs, layers) go to one batched Sinkhorn call: their cost matrices are
+        padded to a common size with zero-weight rows and columns, which
+        :func:`~cot2align_core.ot.sinkhorn` ignores (each problem converges and is frozen on
+        its own, so the values equal separate calls of
+        :func:`~cot2align_core.ot.ot_alignment_loss`)."""
         c = self.config
-        return ot_alignment_loss(x, y, run.mask[s], t_sel.mask.to(x.device), cost=c.cost,
-                                 eps=c.eps, max_iter=c.max_iter, tol=c.tol, grad=c.grad,
-                                 reduction="none")
+        n = max(x.shape[1] for x, *_ in problems)
+        m = max(y.shape[1] for _, y, *_ in problems)
+        costs, a, b = [], [], []
+        for x, y, x_mask, y_mask in problems:
+            wa, wb = x_mask.float(), y_mask.float()
+            cost = pairwise_cost(x, y, c.cost, y_mask=wb)
+            costs.append(F.pad(cost, (0, m - cost.shape[2], 0, n - cost.shape[1])))
+            a.append(F.pad(wa, (0, n - wa.shape[1])))
+            b.append(F.pad(wb, (0, m - wb.shape[1])))
+        res = sinkhorn(torch.cat(costs), torch.cat(a), torch.cat(b), eps=c.eps,
+                       max_iter=c.max_iter, tol=c.tol, grad=c.grad)
+        return list(res.value.split([x.shape[0] for x, *_ in problems]))
 
     def combine(self, per_layer: Mapping[str, Tensor], terms: dict[str, float]) -> Tensor:
         """The weighted sum over layers of their (pair-weighted) OT sums."""
@@ -388,16 +410,21 @@ class CoT2AlignObjective(nn.Module):
         return total
 
     def _ot_term(self, runs, teacher, teacher_embed, terms: dict[str, float]) -> Tensor | None:
-        per_layer: dict[str, Tensor] = {}
+        keys, problems = [], []
         for pair, weight, sf, tf in self._pairs(runs, teacher):
             for name in self.ot.names:
-                values = self.ot.values(runs[sf], teacher[tf], name, teacher_embed)
-                if values is None:
-                    continue
-                value = values.mean()
-                terms[f"ot/{pair}/{sf}-{tf}/{name}"] = _item(value)
-                per_layer[name] = weight * value + per_layer.get(name, 0.0)
-        return self.ot.combine(per_layer, terms) if per_layer else None
+                problem = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed)
+                if problem is not None:
+                    keys.append((f"ot/{pair}/{sf}-{tf}/{name}", weight, name))
+                    problems.append(problem)
+        if not problems:
+            return None
+        per_layer: dict[str, Tensor] = {}
+        for (key, weight, name), values in zip(keys, self.ot.solve(problems)):
+            value = values.mean()
+            terms[key] = _item(value)
+            per_layer[name] = weight * value + per_layer.get(name, 0.0)
+        return self.ot.combine(per_layer, terms)
 
     # ---------------------------------------------------------------- forward
     def forward(self, student_model: nn.Module, student: Mapping[str, StudentBatch],
@@ -483,17 +510,21 @@ class CoT2AlignObjective(nn.Module):
             runs = self._runs(student_model, student, teacher)
         finally:
             student_model.train(was_training)
-        out: dict[str, float] = {}
+        keys, problems = [], []
         for pair, _, sf, tf in self._pairs(runs, teacher):
             for name in self.ot.names:
-                own = self.ot.values(runs[sf], teacher[tf], name, teacher_embed)
-                other = self.ot.values(runs[sf], teacher[tf], name, teacher_embed, shift=1)
-                if own is None or other is None:
-                    continue
-                key = f"{pair}/{sf}-{tf}/{name}"
-                out[f"health/own/{key}"] = float(own.mean())
-                out[f"health/shuffled/{key}"] = float(other.mean())
-                out[f"health/ratio/{key}"] = float(own.mean() / other.mean().clamp_min(1e-12))
+                own = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed)
+                other = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed, shift=1)
+                if own is not None and other is not None:
+                    keys.append(f"{pair}/{sf}-{tf}/{name}")
+                    problems += [own, other]
+        out: dict[str, float] = {}
+        values = self.ot.solve(problems) if problems else []
+        for i, key in enumerate(keys):
+            own, other = float(values[2 * i].mean()), float(values[2 * i + 1].mean())
+            out[f"health/own/{key}"] = own
+            out[f"health/shuffled/{key}"] = other
+            out[f"health/ratio/{key}"] = own / max(other, 1e-12)
         out.update(self._spreads(runs, teacher, teacher_embed))
         return out
 
