@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict] = {
     "cot2align": {"kd_base": "dskd"},
     "no_cross": {"kd_base": "dskd", "ot": {"pairs": {"main": 1.0, "cross_a": 0.0, "cross_b": 0.0}}},
     "no_cross_b": {"kd_base": "dskd", "ot": {"pairs": {"main": 1.0, "cross_a": 1.0, "cross_b": 0.0}}},
+    "cross_last": {"kd_base": "dskd", "ot": {"cross_layers": ["last"]}},
     "last_only": {"kd_base": "dskd", "ot": {"layers": ["last"]}},
     "embedding_only": {"kd_base": "dskd", "ot": {"layers": ["embedding"]}},
     "student_space": {"kd_base": "dskd", "ot": {"space": "student"}},
@@ -65,7 +66,10 @@ def variant_objective(base: dict, spec: dict) -> dict:
     out = {k: v for k, v in base.items() if k != "kd_temperature"}  # per-base default
     for key, value in spec.items():
         if key == "ot" and value is not None and out.get("ot") is not None:
-            out["ot"] = {**out["ot"], **value}
+            ot = {**out["ot"], **value}
+            if "layers" in value and "cross_layers" not in value:  # keep those still there
+                ot["cross_layers"] = [x for x in out["ot"]["cross_layers"] if x in value["layers"]]
+            out["ot"] = ot
         else:
             out[key] = value
     return out
@@ -127,8 +131,9 @@ def score(model, tok, rows: list[dict], max_tokens: int) -> dict[str, float]:
 
 
 def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: int,
-              split: str, steps: int | None) -> dict:
-    """Train one student and score it; returns the result record."""
+              split: str, steps: int | None, save_dir: str | None = None) -> dict:
+    """Train one student and score it; returns the result record. With ``save_dir``, the
+    student and the objective's parameters go to ``<save_dir>/<name>-<seed>.pt``."""
     import torch
 
     torch.set_num_threads(1)
@@ -180,6 +185,10 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
         record["health"] = health
         record["max_ratio"] = max(ratios.values()) if ratios else None
     record.update(score(model, tok, eval_rows(cfg, refs, split), cfg.evaluate.max_tokens))
+    if save_dir:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "objective": objective.state_dict(),
+                    "record": record}, Path(save_dir) / f"{name}-{seed}.pt")
     record["seconds"] = time.perf_counter() - t0
     return record
 
@@ -242,6 +251,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: distill.training.steps")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "method_study.jsonl"))
+    p.add_argument("--save-dir", default=None, help="keep each student and objective here")
     p.add_argument("--table", action="store_true", help="only print the table of --out")
     p.add_argument("--teacher", action="store_true", help="only score the SFT teacher")
     args = p.parse_args()
@@ -267,7 +277,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_one, args.config, args.overrides, n, specs[n], s, args.split,
-                               args.steps): (n, s) for n, s in todo}
+                               args.steps, args.save_dir): (n, s) for n, s in todo}
         for fut in futures:
             n, s = futures[fut]
             r = fut.result()

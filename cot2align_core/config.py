@@ -201,7 +201,8 @@ class OTConfig(_Section):
     ``eps``, ``max_iter``, ``tol`` and ``grad`` are Sinkhorn's (``cot2align_core.ot``);
     ``eps`` is in cost units (the cosine cost lies in [0, 2]); 0.05 separates aligned from
     unrelated sequences, the released code's 10 does not. ``pairs`` weighs the main and cross
-    pairs; ``weight`` the whole OT sum.
+    pairs; ``weight`` the whole OT sum. ``layers`` are the layers of the main pairs,
+    ``cross_layers`` (some of them; default: the same) those of the cross pairs.
 
     ``space``: where the two sides are compared. ``teacher`` (default): one learned linear map
     per layer carries the student's states to the teacher's width; the cached teacher states
@@ -220,12 +221,20 @@ class OTConfig(_Section):
     tol: float = Field(1e-4, gt=0)
     grad: Literal["envelope", "unroll"] = "envelope"
     layers: list[OTLayer] = ["embedding", "last"]
+    cross_layers: list[OTLayer]
     pairs: dict[Literal["main", "cross_a", "cross_b"], Annotated[float, Field(ge=0)]] = {
         "main": 1.0, "cross_a": 1.0, "cross_b": 1.0,
     }
     weight: float = Field(1.0, ge=0)
     space: Literal["teacher", "student"] = "teacher"
     layer_weighting: Literal["fixed", "uncertainty"] = "fixed"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cross_layers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("cross_layers") is None:
+            data = {**data, "cross_layers": data.get("layers", cls.model_fields["layers"].default)}
+        return data
 
     @model_validator(mode="after")
     def _distinct_layers(self):
@@ -234,6 +243,10 @@ class OTConfig(_Section):
                              "depth fraction in (0, 1)")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"ot.layers names a layer twice: {self.layers}")
+        extra = [x for x in self.cross_layers if x not in self.layers]
+        if extra or len(set(self.cross_layers)) != len(self.cross_layers):
+            raise ValueError(f"ot.cross_layers {self.cross_layers} must be distinct layers "
+                             f"of ot.layers {self.layers}")
         return self
 
 

@@ -211,6 +211,7 @@ class OTAlignment(nn.Module):
         self.config = config
         self.specs = {layer_name(s): s for s in config.layers}
         self.names = tuple(self.specs)
+        self.cross_names = tuple(layer_name(s) for s in config.cross_layers)
         self.teacher_index = {n: _teacher_index(s, teacher_num_layers)
                               for n, s in self.specs.items() if s != "embedding"}
         self.maps = self.projector = self.log_vars = None
@@ -220,6 +221,10 @@ class OTAlignment(nn.Module):
             self.projector = nn.Linear(teacher_dim, student_dim)
         if config.layer_weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
+
+    def layers_of(self, pair: str) -> tuple[str, ...]:
+        """The layer names of a pair: all for ``main``, ``cross_layers`` for the cross pairs."""
+        return self.names if pair == "main" else self.cross_names
 
     def sides(self, x: Tensor, tb: TeacherBatch, name: str,
               teacher_embed: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -412,7 +417,7 @@ class CoT2AlignObjective(nn.Module):
     def _ot_term(self, runs, teacher, teacher_embed, terms: dict[str, float]) -> Tensor | None:
         keys, problems = [], []
         for pair, weight, sf, tf in self._pairs(runs, teacher):
-            for name in self.ot.names:
+            for name in self.ot.layers_of(pair):
                 problem = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed)
                 if problem is not None:
                     keys.append((f"ot/{pair}/{sf}-{tf}/{name}", weight, name))
@@ -512,7 +517,7 @@ class CoT2AlignObjective(nn.Module):
             student_model.train(was_training)
         keys, problems = [], []
         for pair, _, sf, tf in self._pairs(runs, teacher):
-            for name in self.ot.names:
+            for name in self.ot.layers_of(pair):
                 own = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed)
                 other = self.ot.problem(runs[sf], teacher[tf], name, teacher_embed, shift=1)
                 if own is not None and other is not None:

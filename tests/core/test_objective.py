@@ -624,3 +624,20 @@ def test_errors():
     with pytest.raises(ValueError, match="input_ids"):
         TeacherBatch(**{**teacher["cot"].__dict__,
                         "input_ids": torch.zeros(4, 3, dtype=torch.long)})
+
+
+def test_cross_pairs_use_their_own_layers():
+    model = _gpt2(19)
+    student, teacher, embed, _ = _batch(19)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none", ot=OTConfig(cross_layers=["last"]))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    _, terms = obj(model, student, teacher, teacher_embed=embed)
+    ot_keys = {k for k in terms if k.startswith("ot/") and k.count("/") == 3}
+    assert ot_keys == {"ot/main/standard-standard/embedding", "ot/main/standard-standard/last",
+                       "ot/main/cot-cot/embedding", "ot/main/cot-cot/last",
+                       "ot/cross_a/standard-cot/last", "ot/cross_b/cot-standard/last"}
+    assert terms["ot"] == pytest.approx(sum(terms[k] for k in ot_keys), rel=1e-5)
+    health = obj.health(model, student, teacher, embed)
+    assert "health/ratio/cross_a/standard-cot/last" in health
+    assert "health/ratio/cross_a/standard-cot/embedding" not in health
+    assert OTConfig(layers=["last"]).cross_layers == ["last"]  # default: the main layers
