@@ -1,4 +1,4 @@
-"""Collating distillation examples into the objective's per-form batches.
+"""The objective's per-form batches, and collating distillation examples into them.
 
 An example is ``{"id", "standard": fields | None, "cot": fields | None}`` where fields hold the
 student's ``input_ids`` / ``response_mask`` (1-d tensors), optionally ``mined_alignment``, and
@@ -11,13 +11,168 @@ that have the form).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from cot2align_core.objective import StudentBatch, TeacherBatch
+from cot2align_core.config import FORMS
 
-FORMS = ("standard", "cot")
+__all__ = ["LAST", "TeacherBatch", "StudentBatch", "StudentRun", "collate_student",
+           "collate_teacher", "collate_distill"]
+
+LAST = -1  # HF hidden_states index of the last layer, as the teacher cache names it
+
+
+def _left_packed(mask: Tensor) -> bool:
+    m = mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any()) if m.shape[1] > 1 else True
+
+
+@dataclass
+class TeacherBatch:
+    """Cached teacher side of one form, at the teacher's response prediction positions.
+
+    Attributes
+    ----------
+    hidden : Tensor, shape (B, L, R_t, D_t)
+        Cached layers (float16/bfloat16/float32), named by ``layers``.
+    mask : BoolTensor, shape (B, R_t)
+        Valid positions, packed left (entry ``r`` predicts the ``r``-th response token).
+    input_ids : LongTensor, shape (B, R_t)
+        Teacher token at each position (its embedding is ``teacher_embed[input_ids]``).
+    target_ids : LongTensor, shape (B, R_t)
+        The response token predicted at each position.
+    present : BoolTensor, shape (B,)
+        The example has this form.
+    topk_ids, topk_logits : Tensor, shape (B, R_t, k), optional
+        Raw teacher logits of its top-k vocabulary entries.
+    layers : tuple of int
+        HF ``hidden_states`` index of each cached layer along dim 1; ``-1`` is the last layer.
+    """
+
+    hidden: Tensor
+    mask: Tensor
+    input_ids: Tensor
+    target_ids: Tensor
+    present: Tensor
+    topk_ids: Tensor | None = None
+    topk_logits: Tensor | None = None
+    layers: tuple[int, ...] = (LAST,)
+
+    def __post_init__(self):
+        if self.hidden.dim() != 4:
+            raise ValueError("TeacherBatch.hidden must be [B, L, R_t, D_t], got "
+                             f"{list(self.hidden.shape)}")
+        B, L, R, _ = self.hidden.shape
+        for name in ("mask", "input_ids", "target_ids"):
+            if tuple(getattr(self, name).shape) != (B, R):
+                raise ValueError(f"TeacherBatch.{name} must be [B, R_t] = {[B, R]}, got "
+                                 f"{list(getattr(self, name).shape)}")
+        if tuple(self.present.shape) != (B,):
+            raise ValueError(f"TeacherBatch.present must be [B] = [{B}], got "
+                             f"{list(self.present.shape)}")
+        if len(self.layers) != L:
+            raise ValueError(f"TeacherBatch.layers names {len(self.layers)} layers, hidden has {L}")
+        if (self.topk_ids is None) != (self.topk_logits is None):
+            raise ValueError("TeacherBatch: give both topk_ids and topk_logits, or neither")
+        if self.topk_ids is not None and (self.topk_ids.shape != self.topk_logits.shape
+                                          or tuple(self.topk_ids.shape[:2]) != (B, R)):
+            raise ValueError(
+                f"TeacherBatch.topk_ids/topk_logits must both be [B, R_t, k] with [B, R_t] = "
+                f"{[B, R]}, got {list(self.topk_ids.shape)} and {list(self.topk_logits.shape)}"
+            )
+        if not _left_packed(self.mask):
+            raise ValueError("TeacherBatch.mask must be packed left (valid positions first, "
+                             "in order)")
+
+    def select(self, rows: Tensor) -> "TeacherBatch":
+        """The given rows, with ``R_t`` trimmed to their longest response."""
+        mask = self.mask[rows].bool()
+        R = int(mask.sum(1).max()) if mask.numel() else 0
+        R = max(R, 1)
+        pick = lambda x: None if x is None else x[rows][:, :R]  # noqa: E731
+        return replace(self, hidden=self.hidden[rows][:, :, :R], mask=mask[:, :R],
+                       input_ids=pick(self.input_ids), target_ids=pick(self.target_ids),
+                       present=self.present[rows], topk_ids=pick(self.topk_ids),
+                       topk_logits=pick(self.topk_logits))
+
+    def layer(self, layer_id: int) -> Tensor:
+        """``[B, R_t, D_t]`` states of one cached layer (HF index, ``-1`` = last)."""
+        if layer_id not in self.layers:
+            raise ValueError(
+                f"teacher layer {layer_id} is not cached (cached: {list(self.layers)}); add it to "
+                "cache_teacher.layers"
+            )
+        return self.hidden[:, self.layers.index(layer_id)]
+
+
+@dataclass
+class StudentBatch:
+    """Student side of one form (all rows of the batch; rows without the form are ignored).
+
+    Attributes
+    ----------
+    input_ids, attention_mask, response_mask : Tensor, shape (B, T)
+        Right-padded sequences; ``response_mask`` 1 on response tokens (incl. EOS).
+    present : BoolTensor, shape (B,)
+    mined_alignment : LongTensor, shape (B, R_s), optional
+        For ``kd_base="mined"``: index into the teacher's ``R_t`` positions of this form for
+        each student response prediction position, -1 where none
+        (:func:`cot2align_core.mined.alignment_tensor`).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    present: Tensor
+    mined_alignment: Tensor | None = None
+
+    def __post_init__(self):
+        if self.input_ids.dim() != 2:
+            raise ValueError("StudentBatch.input_ids must be [B, T], got "
+                             f"{list(self.input_ids.shape)}")
+        B, T = self.input_ids.shape
+        for name in ("attention_mask", "response_mask"):
+            if tuple(getattr(self, name).shape) != (B, T):
+                raise ValueError(f"StudentBatch.{name} must be [B, T] = {[B, T]}, got "
+                                 f"{list(getattr(self, name).shape)}")
+        if tuple(self.present.shape) != (B,):
+            raise ValueError(f"StudentBatch.present must be [B] = [{B}], got "
+                             f"{list(self.present.shape)}")
+        if self.mined_alignment is not None and (self.mined_alignment.dim() != 2
+                                                 or self.mined_alignment.shape[0] != B):
+            raise ValueError(f"StudentBatch.mined_alignment must be [B, R_s], got "
+                             f"{list(self.mined_alignment.shape)}")
+
+
+@dataclass
+class StudentRun:
+    """Student outputs of one form at its response prediction positions (``n`` present rows).
+
+    Attributes
+    ----------
+    rows : LongTensor, shape (n,)
+        Batch rows that have the form.
+    slot : LongTensor, shape (B,)
+        Position of each batch row in ``rows``, -1 if absent.
+    mask : BoolTensor, shape (n, R)
+    logits : Tensor, shape (n, R, V_s)
+    input_ids, target_ids : LongTensor, shape (n, R)
+        Token at each prediction position and the response token it predicts (EOS included).
+    hidden : dict of str to Tensor, shape (n, R, D_s)
+        The OT layers' student states by layer name, and ``"last"`` when a KD base reads it.
+    """
+
+    rows: Tensor
+    slot: Tensor
+    mask: Tensor
+    logits: Tensor
+    input_ids: Tensor
+    target_ids: Tensor
+    hidden: dict[str, Tensor]
+
 
 
 def _pad_stack(seqs: list[torch.Tensor | None], fill, dtype=None) -> torch.Tensor:

@@ -15,14 +15,21 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-#: KD bases that compare the two models' distributions position by position: one vocabulary.
-SAME_VOCAB_KD = ("forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd")
-KD_BASES = ("none", "dskd", "uld", "mined", *SAME_VOCAB_KD)
+#: KD bases that compare two distributions over one vocabulary (teacher and student share a
+#: tokenizer); ``cot2align_core.losses.kd_divergence`` defines them.
+SAME_VOCAB_KD_BASES = ("forward_kl", "reverse_kl", "js", "skewed_forward_kl",
+                       "skewed_reverse_kl", "tvd")
+KD_BASES = ("none", "dskd", "uld", "mined", *SAME_VOCAB_KD_BASES)
+#: The temperature each KD base runs at when ``kd_temperature`` is not given: its own paper's
+#: or code's. ULD (Boizard et al. 2024) uses 1; DSKD's scripts, which CoT2Align's build on,
+#: run DSKD, MinED and vanilla KD at 2.
+KD_TEMPERATURES = {"none": 1.0, "dskd": 2.0, "uld": 1.0, "mined": 2.0,
+                   **{kind: 2.0 for kind in SAME_VOCAB_KD_BASES}}
 
 
 class ConfigError(ValueError):
@@ -65,8 +72,9 @@ class DataConfig(_Section):
     eval_path: str | None = None
     max_train_rows: int | None = Field(None, ge=1)
     max_eval_rows: int | None = Field(None, ge=1)
-    # The paper gave a CoT form only to examples with a non-empty ``input``.
-    cot_requires_input: bool = False
+    # The paper gave a CoT form only to examples with a non-empty ``input`` (every demo row
+    # has one).
+    cot_requires_input: bool = True
     # What to do with rows missing a field or with an empty output: stop with the row numbers
     # (default), or skip them and count them in the manifest.
     on_invalid_rows: Literal["error", "skip"] = "error"
@@ -206,28 +214,95 @@ class CacheTeacherConfig(_Section):
     device: str = "auto"
 
 
+#: An OT layer: ``"embedding"`` (the token embeddings of the response tokens), ``"last"`` (the
+#: last hidden layer) or a depth fraction in (0, 1), mapped to each model by its own depth
+#: (hidden_states index ``round(f * num_layers)``; ``0.5`` is the middle layer of both).
+OTLayer = Literal["embedding", "last"] | Annotated[float, Field(gt=0, lt=1)]
+
+
 class OTConfig(_Section):
+    """The OT alignment terms of CoT2Align (``cot2align_core.objective``).
+
+    ``eps``, ``max_iter``, ``tol`` and ``grad`` are Sinkhorn's (``cot2align_core.ot``);
+    ``eps`` is in cost units (the cosine cost lies in [0, 2]); 0.05 separates aligned from
+    unrelated sequences, the released code's 10 does not. ``pairs`` weighs the main and cross
+    pairs; ``weight`` the whole OT sum. ``layers`` are the layers of the main pairs,
+    ``cross_layers`` (some of them; default: the same) those of the cross pairs.
+
+    ``space``: where the two sides are compared. ``teacher`` (default): one learned linear map
+    per layer carries the student's states to the teacher's width; the cached teacher states
+    are fixed, so the map cannot make the cost small by collapsing them. ``student``: the
+    paper's one learned map, shared by the layers, carries the teacher's states to the
+    student's width; both sides then move, and they can collapse onto one direction together
+    (measured: projected teacher states at mean cosine 0.994 to their centroid).
+
+    ``layer_weighting``: ``fixed`` sums the layers with weight 1; ``uncertainty`` learns one
+    log-variance ``s_l`` per layer (Kendall et al. 2018) and adds ``exp(-s_l) OT_l + s_l``.
+    """
+
     cost: Literal["cosine", "sq_euclidean", "attention"] = "cosine"
-    eps: float | None = Field(None, gt=0)  # None: the library default (chosen to discriminate)
-    max_iter: int = Field(100, ge=1)
+    eps: float = Field(0.05, gt=0)
+    max_iter: int = Field(1000, ge=1)
     tol: float = Field(1e-4, gt=0)
     grad: Literal["envelope", "unroll"] = "envelope"
-    layers: list[Literal["embedding", "last"]] = ["embedding", "last"]
-    pairs: dict[Literal["main", "cross_a", "cross_b"], float] = {
+    layers: list[OTLayer] = ["embedding", "last"]
+    cross_layers: list[OTLayer]
+    pairs: dict[Literal["main", "cross_a", "cross_b"], Annotated[float, Field(ge=0)]] = {
         "main": 1.0, "cross_a": 1.0, "cross_b": 1.0,
     }
     weight: float = Field(1.0, ge=0)
+    space: Literal["teacher", "student"] = "teacher"
+    layer_weighting: Literal["fixed", "uncertainty"] = "fixed"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cross_layers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("cross_layers") is None:
+            data = {**data, "cross_layers": data.get("layers", cls.model_fields["layers"].default)}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct_layers(self):
+        if not self.layers:
+            raise ValueError("ot.layers is empty: give at least one of embedding, last, or a "
+                             "depth fraction in (0, 1)")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"ot.layers names a layer twice: {self.layers}")
+        extra = [x for x in self.cross_layers if x not in self.layers]
+        if extra or len(set(self.cross_layers)) != len(self.cross_layers):
+            raise ValueError(f"ot.cross_layers {self.cross_layers} must be distinct layers "
+                             f"of ot.layers {self.layers}")
+        return self
 
 
 class ObjectiveConfig(_Section):
-    """L = (1-alpha) CE + alpha (KD_base + sum_pairs sum_layers OT); ``ot: null`` = KD base alone."""
+    """L = (1-alpha) CE + alpha (kd_weight KD_base + ot.weight sum_pairs sum_layers OT).
+
+    ``ot: null`` is the KD base alone; ``alpha: 0`` plain SFT. ``kd_temperature`` defaults to
+    the base's own (:data:`KD_TEMPERATURES`), filled in when the config is read, so the
+    resolved value is what is stored and fingerprinted. ``skew`` is the lambda of the skewed
+    divergences; ``dskd_divergence`` the divergence of DSKD's t2s KD term. ``projector_lr`` is
+    the learning rate of the objective's own parameters (OT maps, DSKD's attention).
+    """
 
     alpha: float = Field(0.5, ge=0, le=1)
     kd_base: Literal[KD_BASES] = "dskd"  # type: ignore[valid-type]
-    kd_temperature: float = Field(2.0, gt=0)
+    kd_temperature: float = Field(gt=0)
     kd_weight: float = Field(1.0, ge=0)
+    skew: float = Field(0.1, ge=0, le=1)
+    dskd_divergence: Literal[SAME_VOCAB_KD_BASES] = "forward_kl"  # type: ignore[valid-type]
     ot: OTConfig | None = OTConfig()
     projector_lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_temperature(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kd_temperature") is None:
+            base = data.get("kd_base", cls.model_fields["kd_base"].default)
+            # An unknown base is reported by its own field; 1.0 only keeps a second,
+            # misleading "kd_temperature missing" out of that message.
+            data = {**data, "kd_temperature": KD_TEMPERATURES.get(base, 1.0)}
+        return data
 
     @property
     def uses_kd(self) -> bool:
@@ -237,6 +312,11 @@ class ObjectiveConfig(_Section):
     def uses_ot(self) -> bool:
         return (self.alpha > 0 and self.ot is not None and self.ot.weight > 0
                 and any(w > 0 for w in self.ot.pairs.values()))
+
+    @property
+    def same_vocabulary(self) -> bool:
+        """The KD base needs teacher and student to share one vocabulary."""
+        return self.kd_base in SAME_VOCAB_KD_BASES
 
     def describe(self) -> str:
         """``sft``, ``<kd base>``, ``<kd base>+ot`` or ``ot``: what the student trains with."""
@@ -263,7 +343,8 @@ class SelectionConfig(_Section):
 class StudentConfig(_Section):
     """One more student: overrides of ``distill.objective`` and ``distill.training``, merged
     key by key (``ot: null`` removes the OT terms; ``ot: {pairs: {cross_b: 0}}`` changes one
-    pair's weight and keeps the rest)."""
+    pair's weight and keeps the rest). A student that sets another ``kd_base`` without a
+    ``kd_temperature`` runs at that base's own temperature (``KD_TEMPERATURES``)."""
 
     objective: dict[str, Any] = {}
     training: dict[str, Any] = {}
@@ -411,7 +492,7 @@ class PipelineConfig(_Section):
         students = self.students()  # resolves and validates every student's overrides
         t_scratch, s_scratch = self.teacher.scratch, self.student.scratch
         for st in students:
-            if st.objective.kd_base not in SAME_VOCAB_KD:
+            if not st.objective.same_vocabulary:
                 continue
             if t_scratch and s_scratch:
                 differ = t_scratch.tokenizer != s_scratch.tokenizer
@@ -458,7 +539,11 @@ class PipelineConfig(_Section):
             parts = {}
             for section, model, base in (("objective", ObjectiveConfig, d.objective),
                                          ("training", TrainingConfig, d.training)):
-                merged = _deep_merge(base.model_dump(mode="json"), getattr(spec, section))
+                override = getattr(spec, section)
+                merged = _deep_merge(base.model_dump(mode="json"), override)
+                if section == "objective" and "kd_base" in override \
+                        and "kd_temperature" not in override:
+                    merged["kd_temperature"] = None  # another KD base: its own temperature
                 try:
                     parts[section] = model.model_validate(merged)
                 except ValidationError as err:

@@ -30,10 +30,12 @@ Student -> teacher (s2t): :math:`\tilde h^{s \to t} = A^\top_{\text{softmax over
 - ``s2t_kd``: :math:`\mathrm{KL}(\mathrm{softmax}(z^t / T) \| \mathrm{softmax}(z^{s \to t} / T))`
   on the teacher's valid positions, with the teacher's own logits :math:`z^t`.
 
-Total: ``t2s_ce + t2s_kd + s2t_kd``. Reductions: ``t2s_ce`` is a mean over the valid student
-positions; ``t2s_kd`` is a sum over the valid-and-correct positions divided by the number of
-valid student positions (as in the authors' code, where everything is divided by the token
-count); ``s2t_kd`` is a mean over the valid teacher positions. No :math:`T^2` factor.
+Total: ``t2s_ce + t2s_kd + s2t_kd``. Reductions, as in the authors' code, where every term is
+a sum divided by the batch's number of *student* target tokens ``n_s``: ``t2s_ce`` is a mean
+over the valid student positions; ``t2s_kd`` a sum over the valid-and-correct student
+positions over ``n_s``; ``s2t_kd`` a sum over the valid *teacher* positions over ``n_s`` (so a
+teacher that cuts the text into more tokens than the student weighs this term up by
+``n_t / n_s``). No :math:`T^2` factor.
 
 Differences from the authors' code: standard deviations are taken over the valid (response)
 positions only, not over the padding; the cache gives the teacher states at its own prediction
@@ -274,8 +276,7 @@ def dskd_loss(
         s2t_cmp = s2t_logits
     s2t_kd_pos = kd_divergence_per_position(s2t_cmp, teacher_logits.detach(), kind="forward_kl",
                                             temperature=temperature)
-    n_t = t_mask.sum().clamp_min(1)
-    s2t_kd = (s2t_kd_pos * t_mask).sum() / n_t
+    s2t_kd = (s2t_kd_pos * t_mask).sum() / n_s  # DSKD divides every term by the student's count
     loss = t2s_ce + t2s_kd + s2t_kd
     with torch.no_grad():
         parts = {
@@ -283,6 +284,7 @@ def dskd_loss(
             "t2s_kd": t2s_kd.detach(),
             "s2t_kd": s2t_kd.detach(),
             "t2s_acc": (correct & s_mask).sum() / n_s,
-            "s2t_acc": ((s2t_logits.argmax(-1) == teacher_target_ids) & t_mask).sum() / n_t,
+            "s2t_acc": (((s2t_logits.argmax(-1) == teacher_target_ids) & t_mask).sum()
+                        / t_mask.sum().clamp_min(1)),
         }
     return loss, parts

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cot2align_core.config import SAME_VOCAB_KD_BASES
+
 __all__ = [
     "KD_KINDS",
     "response_positions",
@@ -59,8 +61,9 @@ __all__ = [
     "uld_loss",
 ]
 
-#: The same-vocabulary divergences of :func:`kd_divergence`.
-KD_KINDS = ("forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd")
+#: The same-vocabulary divergences of :func:`kd_divergence` (the config's same-vocabulary KD
+#: bases).
+KD_KINDS = SAME_VOCAB_KD_BASES
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from storage.schemas import read_tokenized
 from storage.store import open_artifact
 from storage.teacher_cache import TeacherCacheWriter
 from storage.teacher_embeddings import save_teacher_embeddings
-from tasks.common import StageRef, load_side_tokenizer, resolve_device, teacher_model_path
+from tasks.common import cached_teacher_layers, StageRef, load_side_tokenizer, resolve_device, teacher_model_path
 from tasks import cluster
 from tasks.registry import StageKey
 from tasks.stage import Progress, kill_point, run_shard, run_stage
@@ -30,14 +30,14 @@ from tasks.stage import Progress, kill_point, run_shard, run_stage
       retry_delay_seconds=2, cache_policy=NONE)
 def cache_shard(cfg: PipelineConfig, writer, tokenized, name: str, out_name: str, model,
                 pad_id: int, device: str) -> int:
-    c = cfg.cache_teacher
+    c, layers = cfg.cache_teacher, cached_teacher_layers(cfg)
     rows = read_tokenized(tokenized.read_table(name), as_torch=False)
     n = 0
     with TeacherCacheWriter(writer, out_name) as cache:
         for r, hidden, pos, inp, tgt, tk_ids, tk_logits in teacher_rows(
-                model, rows, layers=c.layers, dtype=getattr(torch, c.dtype), topk=cfg.needed_topk(),
+                model, rows, layers=layers, dtype=getattr(torch, c.dtype), topk=cfg.needed_topk(),
                 pad_id=pad_id, device=device, batch_size=c.batch_size):
-            cache.add(r["id"], r["form"], hidden, layers=c.layers, input_ids=inp, positions=pos,
+            cache.add(r["id"], r["form"], hidden, layers=layers, input_ids=inp, positions=pos,
                       target_ids=tgt, topk_ids=tk_ids, topk_logits=tk_logits)
             n += 1
     return n
@@ -103,7 +103,7 @@ def cache_teacher_stage(cfg: PipelineConfig, key: StageKey, fp: str,
         _cache_shards(cfg, w, upstream["tokenize"].path, todo, model_dir, model,
                       pad_token_id(tok), device)
         rows = sum(s.rows for s in w.shard_records())
-        return {"rows": rows, "layers": list(cfg.cache_teacher.layers),
+        return {"rows": rows, "layers": cached_teacher_layers(cfg),
                 "dtype": cfg.cache_teacher.dtype, "topk": cfg.needed_topk(),
                 "lm_head": cfg.needs_teacher_head()}
 

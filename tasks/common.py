@@ -184,6 +184,31 @@ def fitted_rows(cfg: PipelineConfig, upstream: dict[str, StageRef], rows: list[d
     return out, stats
 
 
+def teacher_num_layers(cfg: PipelineConfig) -> int:
+    """The teacher's depth (the objective maps depth-fraction OT layers with it)."""
+    if cfg.teacher.scratch is not None:
+        return cfg.teacher.scratch.num_layers
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.teacher.pretrained).num_hidden_layers
+
+
+def cached_teacher_layers(cfg: PipelineConfig) -> list[int]:
+    """The teacher layers cache_teacher stores: ``cache_teacher.layers`` and every layer an
+    objective of the config reads (the last one; a depth-fraction OT layer maps to the
+    teacher's own index), in increasing depth with ``-1`` (the last) at the end."""
+    layers = set(cfg.cache_teacher.layers) | {-1}
+    fractions = any(o.uses_ot and any(x not in ("embedding", "last") for x in o.ot.layers)
+                    for o in cfg.objectives())
+    if fractions:  # only then the objective module (torch) and the teacher's depth are needed
+        from cot2align_core.objective import teacher_layers_needed
+
+        depth = teacher_num_layers(cfg)
+        for o in cfg.objectives():
+            layers |= set(teacher_layers_needed(o, depth))
+    return sorted(layers, key=lambda i: (i == -1, i))
+
+
 def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, StageRef],
                     student_dim: int, teacher_dim: int):
     """The student's training objective; MinED's vocabulary map is built from both tokenizers."""
@@ -195,20 +220,8 @@ def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, Stag
 
         vocab_map = build_vocab_mapping(load_side_tokenizer(cfg, "teacher", upstream),
                                         load_side_tokenizer(cfg, "student", upstream))
-    return CoT2AlignObjective(_TEMP_weights(objective_cfg), student_dim=student_dim,
-                              teacher_dim=teacher_dim, vocab_map=vocab_map)
-
-
-def _TEMP_weights(o):  # TEMP: until the objective consumes ObjectiveConfig (method branch)
-    from cot2align_core.objective import ObjectiveWeights, OTSettings
-
-    ot = None
-    if o.ot is not None and o.ot.weight > 0:
-        ot = OTSettings(cost=o.ot.cost, eps=o.ot.eps, max_iter=o.ot.max_iter, tol=o.ot.tol,
-                        grad=o.ot.grad, layers=tuple(o.ot.layers), pairs=dict(o.ot.pairs),
-                        weight=o.ot.weight)
-    return ObjectiveWeights(alpha=o.alpha, kd_base=o.kd_base, kd_temperature=o.kd_temperature,
-                            kd_weight=o.kd_weight, ot=ot)
+    return CoT2AlignObjective(objective_cfg, student_dim=student_dim, teacher_dim=teacher_dim,
+                              teacher_num_layers=teacher_num_layers(cfg), vocab_map=vocab_map)
 
 
 def teacher_tensors(cache_artifact, device: str):

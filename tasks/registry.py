@@ -160,9 +160,12 @@ def _tokenize_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict
 
 
 def _cache_teacher_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[str, Any]:
+    from tasks.common import cached_teacher_layers
+
     c = _dump(cfg.cache_teacher)
     c.pop("device")
     c.pop("batch_size")  # does not change what is cached
+    c["layers"] = cached_teacher_layers(cfg)  # the config's and every objective's
     # The teacher is the SFT one (its fingerprint covers the teacher) or the pretrained one.
     return {"cache_teacher": c, "topk": cfg.needed_topk(), "lm_head": cfg.needs_teacher_head(),
             "teacher": _model(cfg, "teacher", digest)}

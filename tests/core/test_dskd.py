@@ -74,7 +74,6 @@ def _naive_dskd(cma, d, T):
 
     ce_sum = kd_sum = s2t_sum = 0.0
     n_s = sum(len(p) for p in s_pos)
-    n_t = sum(len(p) for p in t_pos)
     for b in range(B):
         keys = {u: np.concatenate([t_in[b, u], t_tg[b, u]]) / sd_k for u in t_pos[b]}
         vals = {u: Wt @ (t_h[b, u] / sd_h + t_tg[b, u] / sd_e) + bt for u in t_pos[b]}
@@ -97,7 +96,8 @@ def _naive_dskd(cma, d, T):
             h = sum(wi * (Ws @ _np(d["student_hidden"][b, r]) + bs) for wi, r in zip(w, s_pos[b]))
             z = H_t @ h
             s2t_sum += kl(softmax(_np(d["teacher_logits"][b, u]) / T), softmax(z / T))
-    return {"t2s_ce": ce_sum / n_s, "t2s_kd": kd_sum / n_s, "s2t_kd": s2t_sum / n_t}
+    # DSKD divides every term by the student token count (s2t_kd too).
+    return {"t2s_ce": ce_sum / n_s, "t2s_kd": kd_sum / n_s, "s2t_kd": s2t_sum / n_s}
 
 
 def test_cma_shapes():

@@ -1,13 +1,16 @@
 """The CoT2Align objective on tiny models: composition, cross terms, missing forms, KD bases."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from cot2align_core.config import ObjectiveConfig, OTConfig
 from cot2align_core.losses import response_ce, response_positions
-from cot2align_core.objective import (CoT2AlignObjective, ObjectiveWeights, OTSettings,
-                                      StudentBatch, TeacherBatch)
+from cot2align_core.objective import (CoT2AlignObjective, StudentBatch, TeacherBatch,
+                                      hidden_index, teacher_layers_needed)
 from cot2align_core.ot import ot_alignment_loss
 
 V_S, D_S, V_T, D_T = 50, 32, 40, 24
@@ -86,8 +89,8 @@ def _rms(x):
 def test_alpha_zero_is_response_ce_without_teacher():
     model = _gpt2()
     student, *_ = _batch(1)
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.0), student_dim=D_S)
-    assert obj.projector is None and obj.projector_parameters() == []
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.0), student_dim=D_S)
+    assert obj.ot is None and obj.kd is None and obj.projector_parameters() == []
     sb = student["standard"]
     loss, terms = obj(model, {"standard": sb})
     want = response_ce(model(input_ids=sb.input_ids, attention_mask=sb.attention_mask).logits,
@@ -104,18 +107,35 @@ def test_alpha_zero_is_response_ce_without_teacher():
     assert loss2.item() == pytest.approx(want.item() + want_cot.item(), rel=1e-5)
     assert terms2["ce/cot"] == pytest.approx(want_cot.item(), rel=1e-5)
 
+def _naive_states(obj, model, student, teacher, embed, sf, tf, layer, b):
+    """Both sides of one example and layer, computed directly from the definitions."""
+    out, pos, ids = _single_run(model, student[sf], b)
+    tb = teacher[tf]
+    m = int(tb.mask[b].sum())
+    if layer == "embedding":  # the response tokens' own embeddings, EOS included
+        hs = model.get_input_embeddings().weight[ids[0, pos + 1]]
+        ht = embed[tb.target_ids[b, :m]]
+    else:
+        L = len(out.hidden_states) - 1
+        hs = out.hidden_states[hidden_index(layer, L)][0, pos]
+        ht = tb.hidden[b, list(tb.layers).index(-1 if layer == "last" else 2), :m].float()
+    ot = obj.ot
+    if ot.maps is not None:
+        return ot.maps[ot.names.index(str(layer))](_rms(hs)), _rms(ht)
+    return _rms(hs), ot.projector(_rms(ht))
+
 
 # ------------------------------------------------------------------------------- composition
-def test_objective_equals_naive_per_example_composition():
+@pytest.mark.parametrize("space", ["teacher", "student"])
+def test_objective_equals_naive_per_example_composition(space):
     model = _gpt2(2)
     student, teacher, embed, _ = _batch(2)
     pairs = {"main": 1.0, "cross_a": 0.7, "cross_b": 0.4}
-    ot = OTSettings(pairs=pairs, weight=0.9, layers=("embedding", "last"))
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.3, ot=ot), student_dim=D_S,
+    ot = OTConfig(pairs=pairs, weight=0.9, layers=["embedding", "last"], space=space)
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.3, kd_base="none", ot=ot), student_dim=D_S,
                              teacher_dim=D_T)
     loss, terms = obj(model, student, teacher, teacher_embed=embed)
 
-    P = obj.projector
     ce = 0.0
     for f, sb in student.items():
         rows = sb.present
@@ -131,16 +151,8 @@ def test_objective_equals_naive_per_example_composition():
                 for b in range(4):
                     if not (student[sf].present[b] and teacher[tf].present[b]):
                         continue
-                    out, pos, _ = _single_run(model, student[sf], b)
-                    hs = out.hidden_states[0 if layer == "embedding" else -1][0, pos]
-                    tb = teacher[tf]
-                    m = int(tb.mask[b].sum())
-                    if layer == "embedding":
-                        ht = embed[tb.input_ids[b, :m]]
-                    else:
-                        ht = tb.hidden[b, 0, :m].float()
-                    y = P(_rms(ht))
-                    vals.append(ot_alignment_loss(hs[None], y[None]).item())
+                    x, y = _naive_states(obj, model, student, teacher, embed, sf, tf, layer, b)
+                    vals.append(ot_alignment_loss(x[None], y[None], eps=0.05).item())
                 if vals:
                     key = f"ot/{pair}/{sf}-{tf}/{layer}"
                     assert terms[key] == pytest.approx(sum(vals) / len(vals), rel=1e-4), key
@@ -150,13 +162,91 @@ def test_objective_equals_naive_per_example_composition():
     assert loss.item() == pytest.approx(want, rel=1e-4)
 
 
+def test_intermediate_layer_maps_depth_fractions_to_both_models():
+    """Layer 0.5: the student's hidden_states[1] (2 blocks), the teacher's cached index 2 (4)."""
+    model = _gpt2(11)
+    student, teacher, embed, _ = _batch(11)
+    gen = torch.Generator().manual_seed(11)
+    for tb in teacher.values():  # cache layers 2 and -1 of a 4-layer teacher
+        tb.hidden = torch.cat([torch.randn(tb.hidden.shape, generator=gen).half(), tb.hidden], 1)
+        tb.layers = (2, -1)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none",
+                          ot=OTConfig(layers=[0.5], pairs={"main": 1.0}))
+    assert teacher_layers_needed(cfg, 4) == [2, -1]
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T, teacher_num_layers=4)
+    _, terms = obj(model, student, teacher, teacher_embed=embed)
+    vals = [ot_alignment_loss(*(v[None] for v in _naive_states(
+        obj, model, student, teacher, embed, "standard", "standard", 0.5, b))).item()
+        for b in range(4)]
+    assert terms["ot/main/standard-standard/0.5"] == pytest.approx(sum(vals) / 4, rel=1e-4)
+    with pytest.raises(ValueError, match="teacher_num_layers"):
+        CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+
+
+def test_layer_index_mapping():
+    assert [hidden_index(0.5, n) for n in (2, 3, 4, 5, 12)] == [1, 2, 2, 3, 6]
+    assert hidden_index("last", 7) == 7 and hidden_index(0.01, 4) == 1
+    assert hidden_index(0.99, 4) == 4
+    cfg = ObjectiveConfig(ot=OTConfig(layers=["embedding", 0.25, 0.5, 0.99, "last"]))
+    assert teacher_layers_needed(cfg, 8) == [2, 4, -1]
+    assert teacher_layers_needed(ObjectiveConfig(alpha=0.0), 8) == [-1]
+    assert teacher_layers_needed(ObjectiveConfig(ot=None), 8) == [-1]
+
+
+# ------------------------------------------------------------------------------- embedding layer
+@pytest.mark.parametrize("space", ["teacher", "student"])
+def test_embedding_term_never_touches_position_embeddings(space):
+    model = _gpt2(12)
+    student, teacher, embed, _ = _batch(12)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none",
+                          ot=OTConfig(layers=["embedding"], space=space))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    loss, _ = obj(model, student, teacher, teacher_embed=embed)
+    loss.backward()
+    wpe = model.transformer.wpe.weight.grad
+    assert wpe is None or torch.count_nonzero(wpe) == 0
+    wte = model.transformer.wte.weight.grad
+    # Only the rows of response tokens (EOS included) get a gradient.
+    response = set()
+    for sb in student.values():
+        for b in range(4):
+            if sb.present[b]:
+                response |= set(sb.input_ids[b][sb.response_mask[b].bool()].tolist())
+    touched = set(torch.nonzero(wte.abs().sum(1)).squeeze(1).tolist())
+    assert touched and touched <= response
+
+
+def test_embedding_token_sets_are_the_response_tokens():
+    """The teacher side reads target_ids (the response tokens, EOS included), never input_ids."""
+    model = _gpt2(13)
+    student, teacher, embed, _ = _batch(13)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none",
+                          ot=OTConfig(layers=["embedding"], pairs={"main": 1.0}))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    _, terms = obj(model, student, teacher, teacher_embed=embed)
+    gen = torch.Generator().manual_seed(1)
+    for tb in teacher.values():
+        tb.input_ids = torch.randint(0, V_T, tb.input_ids.shape, generator=gen)
+    _, same = obj(model, student, teacher, teacher_embed=embed)
+    assert same == pytest.approx(terms, rel=1e-6)
+    # The student side: the embeddings of the tokens each prediction position predicts.
+    sb = student["standard"]
+    run = obj._run_student(model, sb)
+    for b in range(4):
+        resp = sb.input_ids[b][sb.response_mask[b].bool()]
+        n = int(run.mask[b].sum())
+        assert torch.equal(run.target_ids[b, :n], resp)  # last one is the final token (EOS)
+        assert torch.allclose(run.hidden["embedding"][b, :n], model.transformer.wte.weight[resp])
+
+
 # ------------------------------------------------------------------------------- cross terms
 @pytest.mark.parametrize("pair,key", [("cross_a", "ot/cross_a/standard-cot"),
                                       ("cross_b", "ot/cross_b/cot-standard")])
-def test_each_cross_term_trains_student_and_projector(pair, key):
+def test_each_cross_term_trains_student_and_maps(pair, key):
     model = _gpt2(3)
     student, teacher, embed, _ = _batch(3)
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=1.0, ot=OTSettings(pairs={pair: 1.0})),
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=1.0, kd_base="none",
+                                             ot=OTConfig(pairs={pair: 1.0})),
                              student_dim=D_S, teacher_dim=D_T)
     loss, terms = obj(model, student, teacher, teacher_embed=embed)
     assert terms[f"{key}/last"] > 0 and terms[f"{key}/embedding"] > 0
@@ -171,26 +261,50 @@ def test_each_cross_term_trains_student_and_projector(pair, key):
 
 
 def test_defaults_train_both_cross_terms():
-    weights = ObjectiveWeights()
-    assert weights.ot.pairs == {"main": 1.0, "cross_a": 1.0, "cross_b": 1.0}
-    student, teacher, embed, _ = _batch(4)
+    assert ObjectiveConfig().ot.pairs == {"main": 1.0, "cross_a": 1.0, "cross_b": 1.0}
+    student, teacher, embed, head = _batch(4)
     grads = {}
     for pair in ("cross_a", "cross_b"):
         model = _gpt2(4)
         torch.manual_seed(0)
-        obj = CoT2AlignObjective(ObjectiveWeights(), student_dim=D_S, teacher_dim=D_T)
+        obj = CoT2AlignObjective(ObjectiveConfig(), student_dim=D_S, teacher_dim=D_T)
         # Gradient of the defaults' loss with and without this pair: the difference is its own.
-        loss, terms = obj(model, student, teacher, teacher_embed=embed)
+        loss, terms = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
         forms = "standard-cot" if pair == "cross_a" else "cot-standard"
         assert terms[f"ot/{pair}/{forms}/last"] > 0
-        params = [model.transformer.h[0].attn.c_attn.weight, obj.projector.weight]
+        params = [model.transformer.h[0].attn.c_attn.weight, obj.ot.maps[1].weight]
         full = torch.autograd.grad(loss, params)
-        obj.weights.ot.pairs[pair] = 0.0
-        loss2, _ = obj(model, student, teacher, teacher_embed=embed)
+        obj.config.ot.pairs[pair] = 0.0
+        loss2, _ = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
         part = torch.autograd.grad(loss2, params)
         grads[pair] = [(a - b).abs().sum().item() for a, b in zip(full, part)]
-    for pair, (g_student, g_proj) in grads.items():
-        assert g_student > 0 and g_proj > 0, pair
+    for pair, (g_student, g_map) in grads.items():
+        assert g_student > 0 and g_map > 0, pair
+
+
+# ------------------------------------------------------------------------------- layer weights
+def test_uncertainty_weighting_is_kendall_and_learns_the_log_variances():
+    model = _gpt2(14)
+    student, teacher, embed, _ = _batch(14)
+    cfg = ObjectiveConfig(alpha=0.4, kd_base="none", ot=OTConfig(layer_weighting="uncertainty",
+                                                                 weight=0.5))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    with torch.no_grad():
+        obj.ot.log_vars.copy_(torch.tensor([0.3, -0.7]))
+    loss, terms = obj(model, student, teacher, teacher_embed=embed)
+    per_layer = {name: sum(v for k, v in terms.items()
+                           if k.startswith("ot/") and k.endswith("/" + name)
+                           and not k.startswith("ot/weight"))
+                 for name in ("embedding", "last")}
+    s = {"embedding": 0.3, "last": -0.7}
+    ot = sum(math.exp(-s[n]) * per_layer[n] + s[n] for n in s)
+    assert terms["ot"] == pytest.approx(ot, rel=1e-5)
+    assert loss.item() == pytest.approx(0.6 * terms["ce"] + 0.4 * 0.5 * ot, rel=1e-5)
+    assert terms["ot/weight/last"] == pytest.approx(math.exp(0.7), rel=1e-6)
+    # d loss / d s_l = alpha w_ot (1 - exp(-s_l) OT_l)
+    (g,) = torch.autograd.grad(loss, [obj.ot.log_vars])
+    want = [0.4 * 0.5 * (1 - math.exp(-s[n]) * per_layer[n]) for n in ("embedding", "last")]
+    assert g.tolist() == pytest.approx(want, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------- missing forms
@@ -215,9 +329,9 @@ class _Recorder(torch.nn.Module):
 
 def test_missing_forms_are_not_run_and_contribute_nothing():
     model = _Recorder(_gpt2(5))
-    student, teacher, embed, _ = _batch(5)
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.5), student_dim=D_S, teacher_dim=D_T)
-    loss, terms = obj(model, student, teacher, teacher_embed=embed)
+    student, teacher, embed, head = _batch(5)
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5), student_dim=D_S, teacher_dim=D_T)
+    loss, terms = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
     assert [c[0].shape[0] for c in model.calls] == [4, 2]  # cot: only the 2 rows that have it
     for _, am in model.calls:
         assert (am.sum(1) > 0).all()  # never an all-masked sequence
@@ -230,7 +344,7 @@ def test_missing_forms_are_not_run_and_contribute_nothing():
     cot.response_mask[absent, 3:] = 1
     tc = teacher["cot"]
     tc.hidden[absent] = torch.randn(tc.hidden[absent].shape, generator=gen).half()
-    loss2, terms2 = obj(model, student, teacher, teacher_embed=embed)
+    loss2, terms2 = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
     assert terms2 == pytest.approx(terms, rel=1e-6)
 
@@ -238,7 +352,8 @@ def test_missing_forms_are_not_run_and_contribute_nothing():
 def test_batch_without_cot_runs_once_and_skips_cot_pairs():
     model = _Recorder(_gpt2(6))
     student, teacher, embed, _ = _batch(6, present_cot=[False] * 4)
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.5), student_dim=D_S, teacher_dim=D_T)
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base="none"), student_dim=D_S,
+                             teacher_dim=D_T)
     loss, terms = obj(model, student, teacher, teacher_embed=embed)
     assert len(model.calls) == 1
     assert not any(k.startswith(("ot/cross", "ot/main/cot")) for k in terms)
@@ -271,9 +386,9 @@ def test_kd_bases_run_and_train(kd_base):
         student = _alignment(student, teacher)
     model = _gpt2(7)
     vmap = torch.randint(0, V_S, (V_T,), generator=torch.Generator().manual_seed(0))
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.5, kd_base=kd_base, ot=None),
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base=kd_base, ot=None),
                              student_dim=D_S, teacher_dim=D_T, vocab_map=vmap)
-    assert obj.projector is None
+    assert obj.ot is None
     loss, terms = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
     assert torch.isfinite(loss) and terms["kd"] > 0
     assert terms["kd"] == pytest.approx(terms["kd/standard"] + terms["kd/cot"], rel=1e-5)
@@ -284,6 +399,36 @@ def test_kd_bases_run_and_train(kd_base):
         assert {"kd/standard/t2s_ce", "kd/cot/s2t_kd"} <= set(terms)
         for p in obj.projector_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_kd_settings_reach_the_losses():
+    """temperature, skew and dskd_divergence come from the config (per-base temperature)."""
+    from cot2align_core.losses import kd_divergence, uld_loss
+
+    model = _gpt2(15)
+    student, teacher, embed, head = _batch(15, teacher_vocab=V_S)
+    sb, tb = student["standard"], teacher["standard"]
+    run_logits = CoT2AlignObjective(ObjectiveConfig(alpha=0.0), student_dim=D_S)._run_student(
+        model, sb)
+    full = TeacherBatch(**{**tb.__dict__, "topk_ids": None, "topk_logits": None})
+    t_logits = full.layer(-1).float() @ head.T
+    for cfg in (ObjectiveConfig(alpha=0.5, kd_base="skewed_forward_kl", skew=0.3, ot=None),
+                ObjectiveConfig(alpha=0.5, kd_base="uld", ot=None)):
+        obj = CoT2AlignObjective(cfg, student_dim=D_S)
+        _, terms = obj(model, {"standard": sb}, {"standard": full}, teacher_head=head)
+        R = min(run_logits.mask.shape[1], full.mask.shape[1])
+        if cfg.kd_base == "uld":
+            assert cfg.kd_temperature == 1.0
+            want = uld_loss(run_logits.logits, run_logits.mask, t_logits, full.mask, temperature=1.0)
+        else:
+            assert cfg.kd_temperature == 2.0
+            want = kd_divergence(run_logits.logits[:, :R], t_logits[:, :R],
+                                 run_logits.mask[:, :R] & full.mask[:, :R],
+                                 kind="skewed_forward_kl", temperature=2.0, skew=0.3)
+        assert terms["kd"] == pytest.approx(want.item(), rel=1e-5)
+    obj = CoT2AlignObjective(ObjectiveConfig(kd_base="dskd", dskd_divergence="js", ot=None),
+                             student_dim=D_S, teacher_dim=D_T)
+    assert obj.kd.divergence == "js" and obj.kd.temperature == 2.0
 
 
 def test_same_vocab_kd_is_zero_against_itself_and_uses_head_without_topk():
@@ -299,18 +444,63 @@ def test_same_vocab_kd_is_zero_against_itself_and_uses_head_without_topk():
                       input_ids=torch.zeros_like(index), target_ids=torch.zeros_like(index),
                       present=sb.present, topk_ids=top.indices, topk_logits=top.values)
     for kind in ("forward_kl", "reverse_kl", "js"):
-        obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.5, kd_base=kind, ot=None),
+        obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base=kind, ot=None),
                                  student_dim=D_S)
         _, terms = obj(model, {"standard": sb}, {"standard": tb})
         assert abs(terms["kd"]) < 1e-5
     # Without a top-k cache the teacher logits come from its last layer and LM head.
     no_topk = TeacherBatch(**{**teacher["standard"].__dict__, "topk_ids": None,
                               "topk_logits": None})
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.5, kd_base="uld", ot=None), student_dim=D_S)
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base="uld", ot=None), student_dim=D_S)
     _, terms = obj(model, {"standard": sb}, {"standard": no_topk}, teacher_head=head)
     assert terms["kd"] > 0
     with pytest.raises(ValueError, match="teacher_head|top-k"):
         obj(model, {"standard": sb}, {"standard": no_topk})
+
+
+#: Every grid row the paper table declares: KD bases alone and with CoT2Align, the ablations,
+#: the beyond-the-paper rows.
+GRID = {
+    "sft": dict(alpha=0.0, kd_base="none", ot=None),
+    "dskd": dict(kd_base="dskd", ot=None),
+    "uld": dict(kd_base="uld", ot=None),
+    "mined": dict(kd_base="mined", ot=None),
+    "dskd+cot2align": dict(kd_base="dskd"),
+    "uld+cot2align": dict(kd_base="uld"),
+    "mined+cot2align": dict(kd_base="mined"),
+    "no_cross": dict(ot=OTConfig(pairs={"main": 1.0, "cross_a": 0.0, "cross_b": 0.0})),
+    "no_cross_b": dict(ot=OTConfig(pairs={"main": 1.0, "cross_a": 1.0, "cross_b": 0.0})),
+    "last_only": dict(ot=OTConfig(layers=["last"])),
+    "student_space": dict(ot=OTConfig(space="student")),
+    "intermediate": dict(ot=OTConfig(layers=["embedding", 0.5, "last"])),
+    "uncertainty": dict(ot=OTConfig(layer_weighting="uncertainty")),
+}
+
+
+@pytest.mark.parametrize("row", list(GRID))
+def test_every_grid_row_resolves_and_trains_a_few_steps(row):
+    student, teacher, embed, head = _batch(16)
+    student = _alignment(student, teacher)
+    gen = torch.Generator().manual_seed(16)
+    for tb in teacher.values():
+        tb.hidden = torch.cat([torch.randn(tb.hidden.shape, generator=gen).half(), tb.hidden], 1)
+        tb.layers = (2, -1)
+    cfg = ObjectiveConfig.model_validate({k: (v.model_dump() if isinstance(v, OTConfig) else v)
+                                          for k, v in GRID[row].items()})
+    model = _gpt2(16)
+    vmap = torch.randint(0, V_S, (V_T,), generator=torch.Generator().manual_seed(0))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T, teacher_num_layers=4,
+                             vocab_map=vmap)
+    opt = torch.optim.AdamW(list(model.parameters()) + obj.projector_parameters(), lr=1e-3)
+    for _ in range(3):
+        loss, terms = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in obj.projector_parameters())
+        opt.step()
+    assert (terms["ot"] != 0) == cfg.uses_ot and (terms["kd"] != 0) == cfg.uses_kd
 
 
 def test_llama_student_with_all_terms():
@@ -319,33 +509,104 @@ def test_llama_student_with_all_terms():
                                          num_attention_heads=2, num_key_value_heads=2,
                                          vocab_size=V_S, max_position_embeddings=64))
     student, teacher, embed, head = _batch(9)
-    obj = CoT2AlignObjective(ObjectiveWeights(alpha=0.9, kd_base="dskd"), student_dim=D_S,
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.9, kd_base="dskd"), student_dim=D_S,
                              teacher_dim=D_T)
     loss, terms = obj(model, student, teacher, teacher_embed=embed, teacher_head=head)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in obj.projector_parameters())
-    assert len(obj.projector_parameters()) == 2 + 6  # projector + CMA's three linears
+    assert len(obj.projector_parameters()) == 2 * 2 + 6  # a map per layer + CMA's three linears
+
+
+# ------------------------------------------------------------------------------- health
+def _synthetic_task(seed, n=24):
+    """Sequences whose teacher states are a fixed function of the tokens, so that each
+    example's own teacher is recoverable from the student and another's is not."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(V_S, D_T, generator=gen)
+    emb = torch.randn(V_T, D_T, generator=gen)
+    ids = torch.zeros(n, 12, dtype=torch.long)
+    rm = torch.zeros(n, 12, dtype=torch.long)
+    resp = []
+    for b in range(n):
+        ids[b] = torch.randint(1, V_S, (12,), generator=gen)
+        rm[b, 4:] = 1
+        resp.append(ids[b, 4:])
+    sb = StudentBatch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=rm,
+                      present=torch.ones(n, dtype=torch.bool))
+    inputs = torch.stack([ids[b, 3:11] for b in range(n)])  # tokens at the prediction positions
+    targets = torch.stack(resp)
+    tb = TeacherBatch(hidden=table[inputs].unsqueeze(1) + 0.1 * torch.randn(n, 1, 8, D_T, generator=gen),
+                      mask=torch.ones(n, 8, dtype=torch.bool), input_ids=inputs % V_T,
+                      target_ids=targets % V_T, present=sb.present, layers=(-1,))
+    return {"standard": sb}, {"standard": tb}, emb
+
+
+def test_health_after_training_keeps_spread_and_discrimination():
+    student, teacher, embed = _synthetic_task(17)
+    model = _gpt2(17)
+    cfg = ObjectiveConfig(alpha=0.5, kd_base="none", ot=OTConfig(pairs={"main": 1.0}))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    opt = torch.optim.AdamW(list(model.parameters()) + obj.projector_parameters(), lr=3e-3)
+    for _ in range(60):
+        loss, terms = obj(model, student, teacher, teacher_embed=embed)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    health = obj.health(model, student, teacher, embed)
+    ratios = {k: v for k, v in health.items() if k.startswith("health/ratio/")}
+    assert set(ratios) == {"health/ratio/main/standard-standard/embedding",
+                           "health/ratio/main/standard-standard/last"}
+    assert max(ratios.values()) <= 0.8, health
+    assert health["health/spread/last"] < 0.9 and health["health/spread/embedding"] < 0.9, health
+    for key in ratios:
+        own, other = (health[key.replace("ratio", "own")], health[key.replace("ratio", "shuffled")])
+        assert health[key] == pytest.approx(own / other)
+    assert model.training  # the mode is restored
+
+
+def test_health_shuffled_control_is_another_examples_teacher():
+    student, teacher, embed = _synthetic_task(18, n=5)
+    model = _gpt2(18)
+    obj = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base="none",
+                                             ot=OTConfig(pairs={"main": 1.0}, layers=["last"])),
+                             student_dim=D_S, teacher_dim=D_T)
+    health = obj.health(model, student, teacher, embed)
+    tb = teacher["standard"]
+    rolled = TeacherBatch(**{**tb.__dict__, **{k: getattr(tb, k)[torch.arange(5).roll(-1)]
+                                               for k in ("hidden", "mask", "input_ids",
+                                                         "target_ids")}})
+    model.eval()
+    _, terms = obj(model, student, {"standard": rolled}, teacher_embed=embed)
+    assert health["health/shuffled/main/standard-standard/last"] == pytest.approx(
+        terms["ot/main/standard-standard/last"], rel=1e-5)
+    assert obj.health(model, student, teacher, embed)  # repeatable
+    assert CoT2AlignObjective(ObjectiveConfig(ot=None), student_dim=D_S,
+                              teacher_dim=D_T).health(model, student, teacher, embed) == {}
 
 
 # ------------------------------------------------------------------------------- errors
 def test_errors():
     model = _gpt2()
-    student, teacher, embed, _ = _batch(10)
+    student, teacher, embed, head = _batch(10)
     with pytest.raises(ValueError, match="kd_base"):
-        ObjectiveWeights(kd_base="kl")
+        ObjectiveConfig(kd_base="kl")
     with pytest.raises(ValueError, match="pairs"):
-        OTSettings(pairs={"cross_c": 1.0})
+        OTConfig(pairs={"cross_c": 1.0})
     with pytest.raises(ValueError, match="layers"):
-        OTSettings(layers=("middle",))
+        OTConfig(layers=["middle"])
+    with pytest.raises(ValueError, match="layers"):
+        OTConfig(layers=[])
+    with pytest.raises(ValueError, match="twice"):
+        OTConfig(layers=["last", "last"])
     with pytest.raises(ValueError, match="alpha"):
-        ObjectiveWeights(alpha=1.5)
+        ObjectiveConfig(alpha=1.5)
     with pytest.raises(ValueError, match="vocab_map"):
-        CoT2AlignObjective(ObjectiveWeights(kd_base="mined"), student_dim=D_S, teacher_dim=D_T)
+        CoT2AlignObjective(ObjectiveConfig(kd_base="mined"), student_dim=D_S, teacher_dim=D_T)
     with pytest.raises(ValueError, match="teacher_dim"):
-        CoT2AlignObjective(ObjectiveWeights(), student_dim=D_S)
-    obj = CoT2AlignObjective(ObjectiveWeights(), student_dim=D_S, teacher_dim=D_T)
+        CoT2AlignObjective(ObjectiveConfig(kd_base="none"), student_dim=D_S)
+    obj = CoT2AlignObjective(ObjectiveConfig(kd_base="none"), student_dim=D_S, teacher_dim=D_T)
     with pytest.raises(ValueError, match="teacher batches"):
         obj(model, student)
     bad = dict(teacher)
@@ -355,8 +616,28 @@ def test_errors():
         obj(model, student, bad, teacher_embed=embed)
     with pytest.raises(ValueError, match="teacher_embed"):
         obj(model, student, teacher)
+    with pytest.raises(ValueError, match="not an OT layer"):
+        obj.transport_plan(model, student["cot"], teacher["cot"], layer="0.5",
+                           teacher_embed=embed)
     with pytest.raises(ValueError, match="packed left"):
         TeacherBatch(**{**teacher["cot"].__dict__, "mask": teacher["cot"].mask.flip(1)})
     with pytest.raises(ValueError, match="input_ids"):
         TeacherBatch(**{**teacher["cot"].__dict__,
                         "input_ids": torch.zeros(4, 3, dtype=torch.long)})
+
+
+def test_cross_pairs_use_their_own_layers():
+    model = _gpt2(19)
+    student, teacher, embed, _ = _batch(19)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none", ot=OTConfig(cross_layers=["last"]))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    _, terms = obj(model, student, teacher, teacher_embed=embed)
+    ot_keys = {k for k in terms if k.startswith("ot/") and k.count("/") == 3}
+    assert ot_keys == {"ot/main/standard-standard/embedding", "ot/main/standard-standard/last",
+                       "ot/main/cot-cot/embedding", "ot/main/cot-cot/last",
+                       "ot/cross_a/standard-cot/last", "ot/cross_b/cot-standard/last"}
+    assert terms["ot"] == pytest.approx(sum(terms[k] for k in ot_keys), rel=1e-5)
+    health = obj.health(model, student, teacher, embed)
+    assert "health/ratio/cross_a/standard-cot/last" in health
+    assert "health/ratio/cross_a/standard-cot/embedding" not in health
+    assert OTConfig(layers=["last"]).cross_layers == ["last"]  # default: the main layers

@@ -1,0 +1,176 @@
+"""Benchmark: what a distill step costs, side by side in one run.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/distill_step.py configs/demo.yaml \\
+        [--set key=value ...] [--steps 20] [--warmup 3]
+
+It reads the artifacts of the config up to cache_teacher (run the pipeline up to there first;
+the ``--set`` overrides must be the ones they were made with) and times full training steps
+(collate, objective forward, backward, AdamW step) of the configured student on the same
+batches of the training data:
+
+1. **cached vs live teacher**: the config's objective with the teacher states read from the
+   cache (what the distill stage does), against the same step with the teacher run on the
+   batch (its forward pass over both forms, the states and top-k logits gathered at the
+   response prediction positions as cache_teacher does, ``tasks.cache_teacher.teacher_rows``).
+   The ratio cached / live says what caching saves (target <= 0.5 at a teacher / student size
+   ratio of at least 4x; the parameter counts are printed).
+2. **CoT2Align vs its KD base alone**: the config's objective against the same one with
+   ``ot: null`` (both with the cache). Target <= 1.3.
+
+Times are medians over ``--steps`` steps after ``--warmup`` steps, one torch thread (the
+shared 2-core machine; ``--threads`` to change it). The modes alternate step by step so that
+drifts of the machine's load hit them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.method_study import load_artifacts  # noqa: E402
+
+
+class LiveTeacher:
+    """The teacher run on a batch's rows, its outputs packed as the cache would hold them."""
+
+    def __init__(self, cfg, refs, teacher_sft):
+        from cot2align_core.modeling import load_model
+        from cot2align_core.tokenization import pad_token_id
+        from storage.schemas import read_tokenized
+        from storage.store import open_artifact
+        from tasks.common import load_side_tokenizer, teacher_model_path
+
+        ups = dict(refs)
+        if teacher_sft is not None:
+            from tasks.common import StageRef
+
+            ups["teacher_sft"] = StageRef("teacher_sft", "", str(teacher_sft.path))
+        self.model = load_model(teacher_model_path(cfg, ups), cfg.teacher.dtype, "cpu")
+        self.model.eval()
+        self.pad = pad_token_id(load_side_tokenizer(cfg, "teacher", refs))
+        tokenized = open_artifact(refs["tokenize"].path)
+        self.rows = {}
+        for shard in tokenized.shards_of("teacher"):
+            for r in read_tokenized(tokenized.read_table(shard.name), as_torch=False):
+                self.rows[(r["id"], r["form"])] = r
+        self.cfg = cfg
+
+    def fields(self, items: list[dict]) -> list[dict]:
+        """``items`` (student-only dataset items) with the teacher fields filled in live."""
+        from tasks.cache_teacher import teacher_rows
+
+        c = self.cfg.cache_teacher
+        keys = [(it["id"], f) for it in items for f in ("standard", "cot") if it[f] is not None]
+        got = {}
+        for r, hidden, pos, inp, tgt, tk_ids, tk_logits in teacher_rows(
+                self.model, [self.rows[k] for k in keys], layers=c.layers,
+                dtype=getattr(torch, c.dtype), topk=self.cfg.needed_topk(), pad_id=self.pad,
+                device="cpu", batch_size=len(keys)):
+            got[(r["id"], r["form"])] = {
+                "teacher_hidden": hidden, "teacher_layers": tuple(c.layers),
+                "teacher_input_ids": inp, "teacher_target_ids": tgt,
+                "teacher_topk_ids": None if tk_ids is None else tk_ids.long(),
+                "teacher_topk_logits": tk_logits}
+        return [{**it, **{f: None if it[f] is None else {**it[f], **got[(it["id"], f)]}
+                          for f in ("standard", "cot")}} for it in items]
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from cot2align_core.batching import collate_distill
+    from cot2align_core.objective import CoT2AlignObjective
+    from cot2align_core.tokenization import pad_token_id
+    from cot2align_core.training import EpochShuffleSampler
+    from storage.distill_dataset import DistillDataset
+    from storage.store import open_artifact
+    from tasks.common import load_side_tokenizer
+    from tasks.distill import teacher_num_layers, teacher_tensors
+    from tasks.training_run import build_model_for
+
+    cfg, refs, teacher_sft = load_artifacts(args.config, args.overrides)
+    tok = load_side_tokenizer(cfg, "student", refs)
+    pad = pad_token_id(tok)
+    cache = open_artifact(refs["cache_teacher"].path)
+    tokenized = open_artifact(refs["tokenize"].path)
+    cached_data = DistillDataset.from_artifacts(tokenized, cache)
+    student_data = DistillDataset.from_artifacts(tokenized, None)
+    embed, head = teacher_tensors(cache, "cpu")
+    live = LiveTeacher(cfg, refs, teacher_sft)
+
+    objective_cfg = cfg.distill.objective
+    if not objective_cfg.uses_ot:
+        raise SystemExit("the config's distill objective has no OT term: nothing to compare")
+    base_cfg = objective_cfg.model_copy(update={"ot": None})
+    setups = {}
+    for name, ocfg in (("cot2align", objective_cfg), ("kd_base", base_cfg)):
+        torch.manual_seed(0)
+        model = build_model_for(cfg, "student", tok, "cpu")
+        objective = CoT2AlignObjective(ocfg, student_dim=model.config.hidden_size,
+                                       teacher_dim=embed.shape[1],
+                                       teacher_num_layers=teacher_num_layers(cfg))
+        opt = torch.optim.AdamW(list(model.parameters()) + objective.projector_parameters(),
+                                lr=cfg.distill.training.lr)
+        setups[name] = (model, objective, opt)
+    t_params, s_params = param_count(live.model), param_count(setups["cot2align"][0])
+
+    def step(mode: str, indices: list[int]) -> float:
+        name = "kd_base" if mode == "kd_base" else "cot2align"
+        model, objective, opt = setups[name]
+        t0 = time.perf_counter()
+        if mode == "live":
+            with torch.no_grad():
+                items = live.fields([student_data[i] for i in indices])
+        else:
+            items = [cached_data[i] for i in indices]
+        student, teacher = collate_distill(items, pad)
+        loss, _ = objective(model, student, teacher, embed, head)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    sampler = EpochShuffleSampler(len(cached_data), cfg.distill.training.batch_size, seed=0)
+    modes = ("cached", "live", "kd_base")
+    times = {m: [] for m in modes}
+    for k in range(args.warmup + args.steps):
+        _, indices = sampler.next_batch()
+        for m in modes:
+            dt = step(m, indices)
+            if k >= args.warmup:
+                times[m].append(dt)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"teacher {t_params:,} parameters, student {s_params:,}: size ratio "
+          f"{t_params / s_params:.1f}x; batch {cfg.distill.training.batch_size}, objective "
+          f"{objective_cfg.kd_base} + OT {objective_cfg.ot.layers} (space "
+          f"{objective_cfg.ot.space}); {args.steps} steps, {args.threads} thread(s)")
+    print(f"{'step':<40}{'median s':>10}")
+    labels = {"cached": "CoT2Align, cached teacher", "live": "CoT2Align, live teacher forward",
+              "kd_base": f"{objective_cfg.kd_base} alone, cached teacher"}
+    for m in modes:
+        print(f"{labels[m]:<40}{med[m]:10.4f}")
+    print(f"cached / live teacher: {med['cached'] / med['live']:.2f}x (target <= 0.5)")
+    print(f"CoT2Align / {objective_cfg.kd_base} alone: {med['cached'] / med['kd_base']:.2f}x "
+          "(target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
