@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cot2align_core.config import FORMS
+from cot2align_core.prompts import FORMS
 
 __all__ = ["LAST", "TeacherBatch", "StudentBatch", "StudentRun", "collate_student",
            "collate_teacher", "collate_distill"]

@@ -343,8 +343,10 @@ class SelectionConfig(_Section):
 class StudentConfig(_Section):
     """One more student: overrides of ``distill.objective`` and ``distill.training``, merged
     key by key (``ot: null`` removes the OT terms; ``ot: {pairs: {cross_b: 0}}`` changes one
-    pair's weight and keeps the rest). A student that sets another ``kd_base`` without a
-    ``kd_temperature`` runs at that base's own temperature (``KD_TEMPERATURES``)."""
+    pair's weight and keeps the rest). A derived default follows its source: a student that
+    sets another ``kd_base`` without a ``kd_temperature`` runs at that base's own temperature
+    (``KD_TEMPERATURES``); one that sets ``ot.layers`` without ``ot.cross_layers`` has its
+    cross pairs on those layers."""
 
     objective: dict[str, Any] = {}
     training: dict[str, Any] = {}
@@ -449,6 +451,29 @@ class Student:
     training: TrainingConfig
 
 
+#: Settings whose default is derived from another one when the config is read: (source,
+#: derived) key paths in an objective section.
+_DERIVED = ((("kd_base",), ("kd_temperature",)), (("ot", "layers"), ("ot", "cross_layers")))
+
+
+def _rederive(merged: dict[str, Any], override: dict[str, Any]) -> None:
+    """A student's override that changes a source setting but not the setting derived from it
+    gets the derived default again (another KD base: its own temperature; other OT layers:
+    the cross pairs on those layers)."""
+    def get(d, path):
+        for key in path:
+            if not isinstance(d, dict) or key not in d:
+                return None, False
+            d = d[key]
+        return d, True
+
+    for source, derived in _DERIVED:
+        if get(override, source)[1] and not get(override, derived)[1]:
+            parent, found = get(merged, derived[:-1])
+            if found and isinstance(parent, dict):
+                parent[derived[-1]] = None
+
+
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
@@ -541,9 +566,8 @@ class PipelineConfig(_Section):
                                          ("training", TrainingConfig, d.training)):
                 override = getattr(spec, section)
                 merged = _deep_merge(base.model_dump(mode="json"), override)
-                if section == "objective" and "kd_base" in override \
-                        and "kd_temperature" not in override:
-                    merged["kd_temperature"] = None  # another KD base: its own temperature
+                if section == "objective":
+                    _rederive(merged, override)
                 try:
                     parts[section] = model.model_validate(merged)
                 except ValidationError as err:

@@ -93,7 +93,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cot2align_core.batching import LAST, StudentBatch, StudentRun, TeacherBatch
-from cot2align_core.config import FORMS, ObjectiveConfig, OTConfig
+from cot2align_core.config import ObjectiveConfig, OTConfig
+from cot2align_core.prompts import FORMS
 from cot2align_core.kd_bases import build_kd_base
 from cot2align_core.losses import ce_at_positions, gather_positions, response_positions
 from cot2align_core.ot import pairwise_cost, sinkhorn

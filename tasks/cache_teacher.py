@@ -20,7 +20,8 @@ from storage.schemas import read_tokenized
 from storage.store import open_artifact
 from storage.teacher_cache import TeacherCacheWriter
 from storage.teacher_embeddings import save_teacher_embeddings
-from tasks.common import cached_teacher_layers, StageRef, load_side_tokenizer, resolve_device, teacher_model_path
+from tasks.common import (StageRef, cached_teacher_layers, load_side_tokenizer, resolve_device,
+                          teacher_model_path)
 from tasks import cluster
 from tasks.registry import StageKey
 from tasks.stage import Progress, kill_point, run_shard, run_stage

@@ -61,25 +61,57 @@ def distill_job(cfg: PipelineConfig, key: StageKey, upstream: dict[str, StageRef
                                                                 with_teacher=with_teacher),
                        training=student.training, seed=key.seed,
                        lora=bool(cfg.student.lora_rank), extra_param_groups=extra,
-                       objective=objective, evaluation=dev_selection(cfg, upstream, tok))
+                       objective=objective,
+                       evaluation=evaluation(cfg, upstream, tok, objective, dataset, pad, embed))
 
 
-def dev_selection(cfg: PipelineConfig, upstream: dict[str, StageRef], tok) -> Evaluation | None:
-    """Every ``distill.selection.every`` steps: the student's greedy score on the dev split
-    (``dev/<metric>/<form>`` and their mean ``dev/score``), the best step's weights kept."""
+#: Examples (with both forms) of the fixed probe batch the OT health is measured on.
+PROBE_SIZE = 32
+
+
+def evaluation(cfg: PipelineConfig, upstream: dict[str, StageRef], tok, objective, dataset,
+               pad: int, embed) -> Evaluation | None:
+    """What the student is measured on while it trains (:class:`Evaluation`):
+
+    - with ``distill.selection.every``: its greedy score on the dev split (``dev/<metric>/
+      <form>`` and their mean ``dev/score``), every that many steps; the best step's weights
+      are the ones saved;
+    - with OT terms: their health on a fixed probe batch (own vs shuffled teacher cost per
+      pair and layer, spread of the mapped states: ``health/...``, see
+      :meth:`cot2align_core.objective.CoT2AlignObjective.health`), at the same steps (every
+      ``distill.health_every`` steps when there is no selection).
+    """
+    sel = cfg.distill.selection
+    parts = []
+    if sel.every:
+        parts.append(_dev_scores(cfg, upstream, tok))
+    if cfg.distill.health_every and objective.config.uses_ot:
+        parts.append(_ot_health(objective, dataset, pad, embed))
+    if not parts:
+        return None
+
+    def measure(model, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part in parts:
+            out.update(part(model))
+        return out
+
+    return Evaluation(sel.every or cfg.distill.health_every, measure,
+                      select="dev/score" if sel.every else None)
+
+
+def _dev_scores(cfg: PipelineConfig, upstream: dict[str, StageRef], tok):
     from cot2align_core.answers import checker
     from cot2align_core.evaluation import greedy_score
     from storage.schemas import read_rows
 
     sel = cfg.distill.selection
-    if not sel.every:
-        return None
     rows = read_rows(open_artifact(upstream["prepare"].path), "dev")[: sel.max_rows]
     by_form = {form: fitted_rows(cfg, upstream, rows, form)[0] for form in sel.forms}
     metric = cfg.selection_metric()
     check = checker(cfg.data.answer_format) if cfg.data.checkable_answers else None
 
-    def score(model, step: int) -> dict[str, float]:
+    def score(model) -> dict[str, float]:
         out = {}
         for form, form_rows in by_form.items():
             s = greedy_score(model, tok, form_rows, [form], metric=metric,
@@ -88,7 +120,24 @@ def dev_selection(cfg: PipelineConfig, upstream: dict[str, StageRef], tok) -> Ev
         out["dev/score"] = sum(out.values()) / len(out)
         return out
 
-    return Evaluation(sel.every, score, select="dev/score")
+    return score
+
+
+def _ot_health(objective, dataset, pad: int, embed):
+    from cot2align_core.batching import collate_distill
+    from cot2align_core.training import move_to_device
+
+    items = [it for it in (dataset[i] for i in range(len(dataset)))
+             if all(it[f] is not None for f in ("standard", "cot"))][:PROBE_SIZE]
+    probe = collate_distill(items, pad) if items else None
+
+    def health(model) -> dict[str, float]:
+        if probe is None:
+            return {}
+        student, teacher = move_to_device(probe, embed.device)
+        return objective.health(model, student, teacher, embed)
+
+    return health
 
 
 @task(name="distill", task_run_name="{key}", cache_policy=NONE)

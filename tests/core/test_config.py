@@ -357,3 +357,16 @@ def test_extends_errors_name_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_students_derived_defaults_follow_its_own_settings():
+    data = demo_dict()
+    data["distill"]["students"] = {"uld": {"objective": {"kd_base": "uld"}},
+                                   "uld_t3": {"objective": {"kd_base": "uld",
+                                                            "kd_temperature": 3.0}},
+                                   "last": {"objective": {"ot": {"layers": ["last"]}}}}
+    st = {s.label: s.objective for s in parse_config(data).students()}
+    assert st["cot2align"].kd_temperature == 2.0      # DSKD's own
+    assert st["uld"].kd_temperature == 1.0            # ULD's own, not inherited from DSKD's
+    assert st["uld_t3"].kd_temperature == 3.0         # written out: kept
+    assert st["last"].ot.cross_layers == ["last"]     # the cross pairs follow the layers

@@ -124,3 +124,19 @@ def test_students_keep_their_best_dev_step(task_store):
         best = max(scored.values())
         assert ref.summary["best_step"] == min(s for s, v in scored.items() if v == best)
         assert ref.summary["best_dev_score"] == round(best, 2)
+
+
+def test_ot_students_log_the_health_of_their_ot_terms(task_store):
+    """Students with OT terms measure them on a fixed probe batch at every evaluation: own vs
+    shuffled teacher cost per pair and layer, and the spread of the mapped states; students
+    without OT log none."""
+    cfg, refs = task_store
+    hist = artifact(refs["distill[cot2align,seed=0]"]).read_table("history").to_pylist()
+    measured = [r for r in hist if r.get("dev/score") is not None]
+    ratios = [k for k in measured[-1] if k.startswith("health/ratio/") and measured[-1][k]]
+    assert {k.split("/")[2] for k in ratios} == {"main", "cross_a", "cross_b"}
+    assert {k.split("/")[-1] for k in ratios} == {"embedding", "last"}
+    assert all(0 < measured[-1][k] < 2 for k in ratios)
+    assert any(k.startswith("health/spread/") for k in measured[-1])
+    sft = artifact(refs["distill[sft,seed=0]"]).read_table("history").column_names
+    assert not any(k.startswith("health/") for k in sft)
