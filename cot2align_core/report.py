@@ -727,6 +727,7 @@ def write_report(
     images: Mapping[str, str | os.PathLike],
     samples: Sequence[Mapping[str, Any]],
     differences: Sequence[Mapping[str, Any]] = (),
+    sections: Mapping[str, str] | None = None,
     floatfmt: str = ".2f",
     max_sample_chars: int = 1500,
 ) -> Path:
@@ -741,6 +742,7 @@ def write_report(
             equal to another on every row is shown once.
         differences: rows ``{"model", "reference", "form", "decoding", "metric", "diff", "low",
             "high", "n_seeds", "n_rows"}`` (paired differences with 95% intervals).
+        sections: ``{heading: markdown}`` written after the differences, as given.
         stage_summaries: ``{stage: {"artifact": path, "fingerprint": str, "seconds": float,
             <counts>...}}``; any keys, shown as columns (fingerprint cut to 12 characters,
             seconds as a duration, dict values as ``k=v`` lists).
@@ -777,6 +779,9 @@ def write_report(
                   "its KD base alone), on the same eval rows and training seeds. 95% percentile "
                   "bootstrap intervals over training seeds and eval rows; * marks an interval "
                   "that excludes 0.", "", _differences_table(differences, floatfmt), ""]
+
+    for heading, body in (sections or {}).items():
+        parts += [f"## {heading}", "", body, ""]
 
     if images:
         parts += ["## Figures", ""]

@@ -60,6 +60,31 @@ def health_histories(histories: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return out
 
 
+#: Own/shuffled OT cost ratio above which a term is reported as no longer telling the
+#: example's own teacher from another's.
+HEALTHY_RATIO = 0.8
+
+
+def health_table(health: dict[str, list[dict]]) -> str:
+    """Markdown: per student (first training seed), the last measured own/shuffled OT cost
+    ratio of each pair and layer, and the spread of the mapped states."""
+    from cot2align_core.report import markdown_table
+
+    rows = []
+    for name, hist in health.items():
+        last = hist[-1]
+        for key in sorted(k for k in last if k.startswith("health/ratio/") and last[k] is not None):
+            ratio = float(last[key])
+            rows.append({"student": name, "step": last["step"],
+                         "pair / forms / layer": key.removeprefix("health/ratio/"),
+                         "own / shuffled": ratio,
+                         "teacher signal": "yes" if ratio <= HEALTHY_RATIO else "weak"})
+    note = (f"Own-teacher OT cost divided by the cost against another example's teacher, on a "
+            f"fixed probe batch; at or below {HEALTHY_RATIO} the term still tells the "
+            "example's own teacher from another's.")
+    return note + "\n\n" + markdown_table(rows, floatfmt=".3f")
+
+
 def transport_plan_png(cfg: PipelineConfig, upstream: dict[str, StageRef], out_png: Path) -> bool:
     """Heatmap of the main student's OT plan (last layer) for one CoT example."""
     from cot2align_core.batching import collate_distill
@@ -120,12 +145,15 @@ def write_evaluation_report(out_dir, cfg: PipelineConfig, upstream: dict[str, St
         plot_loss_curves(runs, out_dir / "loss_curves.png", terms=loss_terms(runs))
         images[f"Training loss (training seed {cfg.training_seeds()[0]})"] = out_dir / "loss_curves.png"
     health = health_histories(runs)
+    sections = {}
     if health:
-        keys = sorted({k for h in health.values() for r in h for k in r if k.startswith("health/")})
+        keys = sorted({k for h in health.values() for r in h for k in r
+                       if k.startswith(("health/ratio/", "health/spread/"))})
         plot_loss_curves(health, out_dir / "ot_health.png", terms=keys, loss_key=keys[0],
                          smoothing=0.0, title="OT health: own / shuffled teacher cost, spread")
         images["OT health (own/shuffled ratio: lower is better, 1 = no teacher signal)"] = \
             out_dir / "ot_health.png"
+        sections["OT health at the end of training"] = health_table(health)
     results: dict[str, dict] = {}
     drop = redundant_metrics(table)
     for r in (r for r in table if r["metric"] not in drop):
@@ -161,4 +189,5 @@ def write_evaluation_report(out_dir, cfg: PipelineConfig, upstream: dict[str, St
                                         "evaluate": cfg.evaluate.model_dump(mode="json")},
                         metrics_table=table, differences=diffs,
                         stage_summaries=stage_rows(upstream),
-                        images={k: str(v) for k, v in images.items()}, samples=samples)
+                        images={k: str(v) for k, v in images.items()}, samples=samples,
+                        sections=sections)

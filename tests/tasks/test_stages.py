@@ -100,6 +100,7 @@ def test_the_report_shows_only_the_terms_each_model_trained_with(task_store):
     report = os.path.join(refs["evaluate"].path, "report", "report.md")
     text = open(report, encoding="utf-8").read()
     assert "## Paired differences" in text and "differences.png" in text
+    assert "## OT health at the end of training" in text and "own / shuffled" in text
 
 
 def test_a_missing_upstream_names_the_artifact_and_the_command(task_cfg, tmp_path):
