@@ -22,8 +22,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cot2align_core import distributed as dd
 from cot2align_core.distributed import DistContext, init_distributed
-from cot2align_core.objective import (CoT2AlignObjective, ObjectiveWeights, OTSettings,
-                                      StudentBatch, TeacherBatch)
+from cot2align_core.config import ObjectiveConfig
+from cot2align_core.objective import CoT2AlignObjective, StudentBatch, TeacherBatch
 from cot2align_core.training import collate_sft, sft_loss, train
 from storage.checkpoints import CheckpointDir
 
@@ -97,7 +97,7 @@ def objective_job(n: int, kd_base: str, seed: int = 0) -> dict:
     """The CoT2Align objective: CE + OT (+ DSKD): a projector (and DSKD's attention) to learn."""
     data = ObjectiveData(n)
     model = tiny_gpt2(seed)
-    objective = CoT2AlignObjective(ObjectiveWeights(alpha=0.5, kd_base=kd_base, ot=OTSettings()),
+    objective = CoT2AlignObjective(ObjectiveConfig(alpha=0.5, kd_base=kd_base),
                                    student_dim=D_S, teacher_dim=D_T)
 
     def loss_fn(m, batch):
@@ -234,7 +234,7 @@ def test_dskd_attention_stays_synchronised_over_ranks(two_ranks):
     results, out = two_ranks
     rank0, rank1 = (torch.load(out / f"dskd-{r}.pt") for r in (0, 1))
     assert_same_weights(rank1, rank0, atol=0)
-    assert any(k.startswith("objective.cma") for k in rank0)
+    assert any(k.startswith("objective.kd.") for k in rank0)  # DSKD's attention
     res = run(objective_job(12, "dskd"), 4)
     assert results["dskd"][1] == pytest.approx([r["loss"] for r in res.history], rel=1e-3)
 
