@@ -47,6 +47,7 @@ def test_missing_model_path_is_named(tmp_path, capsys):
 def test_missing_data_file_is_named(tmp_path, capsys):
     cfg = tiny_config_dict(tmp_path / "store")
     cfg["data"] = {"source": "jsonl", "train_path": str(tmp_path / "nope.jsonl")}
+    cfg["distill"]["selection"] = {"every": 0}  # no dev split in these files
     code, _, err = cli(["run", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
     assert code == 2 and "data.train_path" in err and "nope.jsonl" in err
 
@@ -67,6 +68,7 @@ def test_rows_missing_fields_or_empty_outputs_stop_with_line_numbers(tmp_path, c
     cfg = tiny_config_dict(tmp_path / "store")
     cfg["data"] = {"source": "jsonl", "train_path": str(bad_rows_file(tmp_path / "d.jsonl")),
                    "checkable_answers": False}
+    cfg["distill"]["selection"] = {"every": 0}  # no dev split in these files
     code, _, err = cli(["stage", "prepare", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
     assert code == 2
     assert "d.jsonl: 2 invalid row(s)" in err
