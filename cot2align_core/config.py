@@ -233,8 +233,14 @@ class OTConfig(_Section):
     per layer carries the student's states to the teacher's width; the cached teacher states
     are fixed, so the map cannot make the cost small by collapsing them. ``student``: the
     paper's one learned map, shared by the layers, carries the teacher's states to the
-    student's width; both sides then move, and they can collapse onto one direction together
-    (measured: projected teacher states at mean cosine 0.994 to their centroid).
+    student's width; both sides then move, and they collapse onto one direction together
+    (measured on the demo: projected teacher states at mean cosine 0.98-0.99 to their
+    centroid, and a worse student; the table is in ``cot2align_core.objective``).
+
+    ``cross_marginals``: ``balanced`` (the paper) transports all of both sides' mass in the
+    cross pairs too; ``relaxed_cot`` frees the CoT side's marginal there (each token of the
+    standard form sends its mass to the CoT tokens most like it; rationale tokens without a
+    counterpart carry none; ``cot2align_core.objective.one_sided_transport``).
 
     ``layer_weighting``: ``fixed`` sums the layers with weight 1; ``uncertainty`` learns one
     log-variance ``s_l`` per layer (Kendall et al. 2018) and adds ``exp(-s_l) OT_l + s_l``.
@@ -252,6 +258,7 @@ class OTConfig(_Section):
     }
     weight: float = Field(1.0, ge=0)
     space: Literal["teacher", "student"] = "teacher"
+    cross_marginals: Literal["balanced", "relaxed_cot"] = "balanced"
     layer_weighting: Literal["fixed", "uncertainty"] = "fixed"
 
     @model_validator(mode="before")
