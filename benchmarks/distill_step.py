@@ -11,7 +11,7 @@ batches of the training data:
 1. **cached vs live teacher**: the config's objective with the teacher states read from the
    cache (what the distill stage does), against the same step with the teacher run on the
    batch (its forward pass over both forms, the states and top-k logits gathered at the
-   response prediction positions as cache_teacher does, ``tasks.cache_teacher.teacher_rows``).
+   response prediction positions as cache_teacher does, ``cot2align_core.teacher_states.teacher_rows``).
    The ratio cached / live says what caching saves (target <= 0.5 at a teacher / student size
    ratio of at least 4x; the parameter counts are printed).
 2. **CoT2Align vs its KD base alone**: the config's objective against the same one with
@@ -51,7 +51,7 @@ class LiveTeacher:
         if teacher_sft is not None:
             from tasks.common import StageRef
 
-            ups["teacher_sft"] = StageRef("teacher_sft", "", str(teacher_sft.path))
+            ups["teacher_sft"] = StageRef(key="teacher_sft", fingerprint="", path=str(teacher_sft.path))
         self.model = load_model(teacher_model_path(cfg, ups), cfg.teacher.dtype, "cpu")
         self.model.eval()
         self.pad = pad_token_id(load_side_tokenizer(cfg, "teacher", refs))
@@ -64,17 +64,18 @@ class LiveTeacher:
 
     def fields(self, items: list[dict]) -> list[dict]:
         """``items`` (student-only dataset items) with the teacher fields filled in live."""
-        from tasks.cache_teacher import teacher_rows
+        from cot2align_core.teacher_states import teacher_rows
+        from tasks.common import cached_teacher_layers
 
-        c = self.cfg.cache_teacher
+        c, layers = self.cfg.cache_teacher, cached_teacher_layers(self.cfg)
         keys = [(it["id"], f) for it in items for f in ("standard", "cot") if it[f] is not None]
         got = {}
         for r, hidden, pos, inp, tgt, tk_ids, tk_logits in teacher_rows(
-                self.model, [self.rows[k] for k in keys], layers=c.layers,
+                self.model, [self.rows[k] for k in keys], layers=layers,
                 dtype=getattr(torch, c.dtype), topk=self.cfg.needed_topk(), pad_id=self.pad,
                 device="cpu", batch_size=len(keys)):
             got[(r["id"], r["form"])] = {
-                "teacher_hidden": hidden, "teacher_layers": tuple(c.layers),
+                "teacher_hidden": hidden, "teacher_layers": tuple(layers),
                 "teacher_input_ids": inp, "teacher_target_ids": tgt,
                 "teacher_topk_ids": None if tk_ids is None else tk_ids.long(),
                 "teacher_topk_logits": tk_logits}
@@ -99,11 +100,10 @@ def main() -> None:
     from cot2align_core.batching import collate_distill
     from cot2align_core.objective import CoT2AlignObjective
     from cot2align_core.tokenization import pad_token_id
-    from cot2align_core.training import EpochShuffleSampler
+    from cot2align_core.sampling import EpochSampler
     from storage.distill_dataset import DistillDataset
     from storage.store import open_artifact
-    from tasks.common import load_side_tokenizer
-    from tasks.distill import teacher_num_layers, teacher_tensors
+    from tasks.common import load_side_tokenizer, teacher_num_layers, teacher_tensors
     from tasks.training_run import build_model_for
 
     cfg, refs, teacher_sft = load_artifacts(args.config, args.overrides)
@@ -123,7 +123,7 @@ def main() -> None:
     setups = {}
     for name, ocfg in (("cot2align", objective_cfg), ("kd_base", base_cfg)):
         torch.manual_seed(0)
-        model = build_model_for(cfg, "student", tok, "cpu")
+        model = build_model_for(cfg, "student", tok, "cpu", 0)
         objective = CoT2AlignObjective(ocfg, student_dim=model.config.hidden_size,
                                        teacher_dim=embed.shape[1],
                                        teacher_num_layers=teacher_num_layers(cfg))
@@ -148,7 +148,7 @@ def main() -> None:
         opt.step()
         return time.perf_counter() - t0
 
-    sampler = EpochShuffleSampler(len(cached_data), cfg.distill.training.batch_size, seed=0)
+    sampler = EpochSampler(len(cached_data), cfg.distill.training.batch_size, seed=0)
     modes = ("cached", "live", "kd_base")
     times = {m: [] for m in modes}
     for k in range(args.warmup + args.steps):

@@ -82,20 +82,23 @@ def variant_objective(base: dict, spec: dict) -> dict:
 def load_artifacts(config: str, overrides: list[str]):
     """(config, upstream refs of distill, the teacher_sft artifact or None) of a config."""
     from cot2align_core.config import load_config
-    from tasks.common import plan, upstream_refs
+    from tasks.common import upstream_refs
+    from tasks.registry import StageKey, plan
     from tasks.stage import open_store
 
     cfg = load_config(config, overrides)
     store = open_store(cfg)
     fps = plan(cfg)
-    refs = upstream_refs(store, cfg, "distill", fps)
-    teacher_sft = store.get("teacher_sft", fps["teacher_sft"]) if "teacher_sft" in fps else None
+    student = next(k for k in fps if k.stage == "distill")  # all students share the upstream
+    refs = upstream_refs(store, cfg, student, fps)
+    sft_key = StageKey("teacher_sft")
+    teacher_sft = store.get("teacher_sft", fps[sft_key]) if sft_key in fps else None
     return cfg, refs, teacher_sft
 
 
 def eval_rows(cfg, refs, split: str) -> list[dict]:
     from storage.store import open_artifact
-    from tasks.prepare import read_rows
+    from storage.schemas import read_rows
 
     if split == "test":
         return read_rows(open_artifact(refs["prepare"].path), "eval")
@@ -146,8 +149,7 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
     from cot2align_core.training import train
     from storage.distill_dataset import DistillDataset
     from storage.store import open_artifact
-    from tasks.common import load_side_tokenizer
-    from tasks.distill import teacher_num_layers, teacher_tensors
+    from tasks.common import load_side_tokenizer, teacher_num_layers, teacher_tensors
     from tasks.training_run import build_model_for, seeded
 
     cfg, refs, _ = load_artifacts(config, overrides)
@@ -162,7 +164,7 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
     from cot2align_core.objective import CoT2AlignObjective
 
     with seeded(seed):
-        model = build_model_for(cfg.model_copy(update={"seed": seed}), "student", tok, "cpu")
+        model = build_model_for(cfg, "student", tok, "cpu", seed)
         objective = CoT2AlignObjective(objective_cfg, student_dim=model.config.hidden_size,
                                        teacher_dim=embed.shape[1],
                                        teacher_num_layers=teacher_num_layers(cfg))

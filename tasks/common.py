@@ -190,7 +190,17 @@ def teacher_num_layers(cfg: PipelineConfig) -> int:
         return cfg.teacher.scratch.num_layers
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(cfg.teacher.pretrained).num_hidden_layers
+    try:
+        return AutoConfig.from_pretrained(cfg.teacher.pretrained).num_hidden_layers
+    except OSError as exc:
+        from cot2align_core.config import ConfigError
+
+        raise ConfigError(
+            f"teacher.pretrained: cannot read the config of {cfg.teacher.pretrained!r} "
+            "(needed for the teacher's depth, to place the depth-fraction OT layers): "
+            f"{str(exc).splitlines()[0]} Download the model first (`huggingface-cli download "
+            f"{cfg.teacher.pretrained}`), point teacher.pretrained at a local folder, or use "
+            "only the embedding and last layers in ot.layers.") from None
 
 
 def cached_teacher_layers(cfg: PipelineConfig) -> list[int]:

@@ -48,8 +48,14 @@ def test_every_task_takes_the_same_arguments():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_plans(path):
+def test_every_shipped_config_plans(path, monkeypatch):
     cfg = load_config(path)
+    if cfg.teacher.pretrained:
+        # The model hub cannot be reached here: a pretrained teacher's depth (read from its
+        # config on the hub, for depth-fraction OT layers) is given as the real model's.
+        import tasks.common
+
+        monkeypatch.setattr(tasks.common, "teacher_num_layers", lambda cfg: 32)
     fps = plan(cfg)
     assert [k.stage for k in fps][0] == "prepare" and list(fps)[-1] == StageKey("evaluate")
     for key in fps:
@@ -217,3 +223,14 @@ def test_a_local_model_folder_enters_the_fingerprint_by_content(tmp_path):
     hub = plan(load_config(PAPER, ["teacher_sft.enabled=false", f"store={tmp_path / 'store'}"]))
     assert hub == plan(load_config(PAPER, ["teacher_sft.enabled=false",
                                            f"store={tmp_path / 'store'}"]))  # a hub id: a name
+
+
+def test_unreachable_pretrained_teacher_depth_is_a_config_error(monkeypatch, tmp_path):
+    from cot2align_core.config import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(REPO / "configs" / "paper_table_dolly.yaml",
+                      [f"teacher.pretrained={tmp_path / 'no-such-model'}"])
+    with pytest.raises(ConfigError, match=r"teacher.pretrained: cannot read the config .*"
+                                          r"Download the model first"):
+        plan(cfg)
