@@ -34,7 +34,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sinkhorn.py
 	$(PY) benchmarks/cache_io.py
+	$(PY) benchmarks/trust_checks.py
 	$(PY) benchmarks/scaling.py
+	# distill_step reads the config's teacher cache: the pipeline first (reused when there).
+	$(VENV)/bin/cot2align run $(CONFIG)
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/distill_step.py $(CONFIG)
 
 clean:
 	rm -rf artifacts .pytest_cache

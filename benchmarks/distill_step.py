@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distill_step.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -170,6 +171,18 @@ def main() -> None:
     print(f"cached / live teacher: {med['cached'] / med['live']:.2f}x (target <= 0.5)")
     print(f"CoT2Align / {objective_cfg.kd_base} alone: {med['cached'] / med['kd_base']:.2f}x "
           "(target <= 1.3)")
+    import json
+    import os
+    import platform
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "config": args.config, "overrides": args.overrides, "steps": args.steps,
+        "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "load_avg": os.getloadavg()[0], "teacher_params": t_params, "student_params": s_params,
+        "median_s": med, "cached_over_live": med["cached"] / med["live"],
+        "cot2align_over_kd_base": med["cached"] / med["kd_base"]}, indent=1))
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -114,10 +114,10 @@ def score(model, tok, rows: list[dict], max_tokens: int) -> dict[str, float]:
     import torch
 
     from cot2align_core.demo_task import extract_answer, is_correct
-    from cot2align_core.generation import HFBackend, SamplingConfig
+    from cot2align_core.generation import HFBackend, HFOptions, SamplingConfig
     from cot2align_core.prompts import cot_prompt, standard_prompt
 
-    backend = HFBackend(model, tok, batch_size=100)
+    backend = HFBackend(model, tok, HFOptions(batch_size=100))
     out = {}
     for form, prompt_of in (("standard", standard_prompt), ("cot", cot_prompt)):
         prompts = [prompt_of(r) for r in rows]
@@ -127,10 +127,10 @@ def score(model, tok, rows: list[dict], max_tokens: int) -> dict[str, float]:
             if mode == "greedy":
                 gens = [g[0].text for g in backend.generate(prompts, sampling)]
             else:  # one batched sample per row (the pipeline seeds rows one by one: slower)
-                token_rows = [backend._tokenize(p) for p in prompts]
+                token_rows = [backend.encode_prompt(p) for p in prompts]
                 gens = []
                 for i in range(0, len(rows), 100):
-                    gens += [c.text for c in backend._run(token_rows[i:i + 100], sampling)]
+                    gens += [c.text for c in backend._run(token_rows[i:i + 100], sampling, None)]
             hits = [is_correct(extract_answer(g), r["output"]) for g, r in zip(gens, rows)]
             out[f"{mode}/{form}"] = 100.0 * sum(hits) / len(rows)
     return out
