@@ -1,7 +1,7 @@
 """Benchmark: what a distill step costs, side by side in one run.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/distill_step.py configs/demo.yaml \\
-        [--set key=value ...] [--steps 20] [--warmup 3]
+        [--set key=value ...] [--steps 20] [--warmup 3] [--teacher-layers N]
 
 It reads the artifacts of the config up to cache_teacher (run the pipeline up to there first;
 the ``--set`` overrides must be the ones they were made with) and times full training steps
@@ -13,7 +13,12 @@ batches of the training data:
    batch (its forward pass over both forms, the states and top-k logits gathered at the
    response prediction positions as cache_teacher does, ``cot2align_core.teacher_states.teacher_rows``).
    The ratio cached / live says what caching saves (target <= 0.5 at a teacher / student size
-   ratio of at least 4x; the parameter counts are printed).
+   ratio of at least 4x; the parameter counts are printed). On the demo's tiny models the
+   teacher's forward pass is cheap next to the objective's own work, which does not shrink
+   with the teacher; ``--teacher-layers N`` times the live path with a deeper teacher of the
+   same width (random weights; the cache and the objective are unchanged), to see the ratio
+   at the size ratios of the paper's setups (Mistral-7B / TinyLLaMA-1.1B: 6.6x, with the
+   teacher's forward, not the loss, dominating the step).
 2. **CoT2Align vs its KD base alone**: the config's objective against the same one with
    ``ot: null`` (both with the cache). Target <= 1.3.
 
@@ -40,7 +45,7 @@ from benchmarks.method_study import load_artifacts  # noqa: E402
 class LiveTeacher:
     """The teacher run on a batch's rows, its outputs packed as the cache would hold them."""
 
-    def __init__(self, cfg, refs, teacher_sft):
+    def __init__(self, cfg, refs, teacher_sft, teacher_layers: int | None = None):
         from cot2align_core.modeling import load_model
         from cot2align_core.tokenization import pad_token_id
         from storage.schemas import read_tokenized
@@ -52,9 +57,19 @@ class LiveTeacher:
             from tasks.common import StageRef
 
             ups["teacher_sft"] = StageRef(key="teacher_sft", fingerprint="", path=str(teacher_sft.path))
-        self.model = load_model(teacher_model_path(cfg, ups), cfg.teacher.dtype, "cpu")
+        teacher_tok = load_side_tokenizer(cfg, "teacher", refs)
+        if teacher_layers:  # a deeper scratch teacher of the same width: timing only
+            from tasks.training_run import build_model_for
+
+            if cfg.teacher.scratch is None:
+                raise SystemExit("--teacher-layers needs a scratch teacher (teacher.scratch)")
+            deeper = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+                "scratch": cfg.teacher.scratch.model_copy(update={"num_layers": teacher_layers})})})
+            self.model = build_model_for(deeper, "teacher", teacher_tok, "cpu", 0)
+        else:
+            self.model = load_model(teacher_model_path(cfg, ups), cfg.teacher.dtype, "cpu")
         self.model.eval()
-        self.pad = pad_token_id(load_side_tokenizer(cfg, "teacher", refs))
+        self.pad = pad_token_id(teacher_tok)
         tokenized = open_artifact(refs["tokenize"].path)
         self.rows = {}
         for shard in tokenized.shards_of("teacher"):
@@ -94,6 +109,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-layers", type=int, default=None,
+                   help="time the live teacher with this many layers (a scratch teacher of the "
+                        "same width, random weights) instead of the trained one")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distill_step.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,7 +133,7 @@ def main() -> None:
     cached_data = DistillDataset.from_artifacts(tokenized, cache)
     student_data = DistillDataset.from_artifacts(tokenized, None)
     embed, head = teacher_tensors(cache, "cpu")
-    live = LiveTeacher(cfg, refs, teacher_sft)
+    live = LiveTeacher(cfg, refs, teacher_sft, args.teacher_layers)
 
     objective_cfg = cfg.distill.objective
     if not objective_cfg.uses_ot:
@@ -180,7 +198,7 @@ def main() -> None:
         "config": args.config, "overrides": args.overrides, "steps": args.steps,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "load_avg": os.getloadavg()[0], "teacher_params": t_params, "student_params": s_params,
-        "median_s": med, "cached_over_live": med["cached"] / med["live"],
+        "teacher_layers": args.teacher_layers, "median_s": med, "cached_over_live": med["cached"] / med["live"],
         "cot2align_over_kd_base": med["cached"] / med["kd_base"]}, indent=1))
     print(f"results: {args.out}")
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.flows.conftest import REPO
 
 
@@ -17,17 +19,20 @@ def _bench(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_distill_step_benchmark_times_the_three_steps(tiny_run, tmp_path):
+@pytest.mark.parametrize("deeper", [None, 8], ids=["trained-teacher", "deeper-teacher"])
+def test_distill_step_benchmark_times_the_three_steps(tiny_run, tmp_path, deeper):
     config, _, _ = tiny_run
     out = tmp_path / "distill_step.json"
     proc = _bench(["benchmarks/distill_step.py", str(config), "--steps", "2", "--warmup", "1",
-                   "--out", str(out)])
+                   "--out", str(out)] + (["--teacher-layers", str(deeper)] if deeper else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cached / live teacher" in proc.stdout and "CoT2Align / dskd alone" in proc.stdout
     got = json.loads(out.read_text())
     assert set(got["median_s"]) == {"cached", "live", "kd_base"}
     assert all(v > 0 for v in got["median_s"].values())
     assert got["teacher_params"] > got["student_params"]
+    if deeper:  # 8 layers instead of the tiny config's 4, same width
+        assert got["teacher_layers"] == 8 and got["teacher_params"] > 1.5 * 868_000
 
 
 def test_method_study_trains_and_scores_students(tiny_run, tmp_path):
