@@ -57,6 +57,20 @@ def prefect_server(say=lambda msg: print(msg, file=sys.stderr)) -> Iterator[str]
         server.start(timeout=timeout)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_logs()
     finally:
         server.stop()
+
+
+def _drain_logs(timeout: float = 10.0) -> None:
+    """Send the run logs still queued for the API while the server is up: after it stops,
+    Prefect's log worker would print "Error logging to API" at exit."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout, at_exit=False)
+    except Exception:  # best effort: the logs are also on the console
+        pass

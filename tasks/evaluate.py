@@ -152,7 +152,8 @@ def evaluate_stage(cfg: PipelineConfig, key: StageKey, fp: str, upstream: dict[s
         return {"report": str(report), "eval_rows": len(rows),
                 "models": sorted({m.name for m in models}),
                 "metrics": [f"{r['model']:<14} {r['form']:<9} {r['decoding']:<8} {r['metric']:<12}"
-                            f" {r['mean']:6.2f} ± {r['std']:.2f} ({r['n_seeds']} seeds)"
+                            + (f" {r['mean']:6.2f} ± {r['std']:.2f} ({r['n_seeds']} seeds)"
+                               if r["n_seeds"] > 1 else f" {r['mean']:6.2f} (1 seed)")
                             for r in table]}
 
     return run_stage(cfg, key, fp, upstream, body, force=force)
