@@ -60,10 +60,15 @@ def test_each_student_trains_with_its_own_objective(task_store):
     assert summaries == {"cot2align": "dskd+ot", "sft": "sft", "dskd": "dskd", "uld": "uld",
                          "uld_cot2align": "uld+ot", "mined": "mined",
                          "mined_cot2align": "mined+ot", "no_cross": "dskd+ot",
-                         "no_cross_b": "dskd+ot", "last_layer_only": "dskd+ot"}
-    for label in ("no_cross", "no_cross_b", "last_layer_only", "uld_cot2align"):
+                         "no_cross_b": "dskd+ot", "last_layer_only": "dskd+ot",
+                         "mid_layer": "dskd+ot", "uncertainty_weights": "dskd+ot"}
+    for label in ("no_cross", "no_cross_b", "last_layer_only", "uld_cot2align", "mid_layer",
+                  "uncertainty_weights"):
         h = artifact(refs[f"distill[{label},seed=0]"]).read_table("history").to_pylist()
         assert all(r["ot"] > 0 for r in h), label
+    mid = artifact(refs["distill[mid_layer,seed=0]"]).read_table("history").column_names
+    assert any(k.startswith("ot/main/") and not k.endswith(("/embedding", "/last"))
+               for k in mid), mid  # the middle layer really has its own OT term
     cross_b = [k for k in artifact(refs["distill[no_cross_b,seed=0]"]).read_table("history")
                .column_names if k.startswith("ot/cross_b")]
     assert cross_b == []  # the ablation really drops the term
