@@ -29,6 +29,9 @@ drifts of the machine's load hit them alike.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -189,16 +192,13 @@ def main() -> None:
     print(f"cached / live teacher: {med['cached'] / med['live']:.2f}x (target <= 0.5)")
     print(f"CoT2Align / {objective_cfg.kd_base} alone: {med['cached'] / med['kd_base']:.2f}x "
           "(target <= 1.3)")
-    import json
-    import os
-    import platform
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "config": args.config, "overrides": args.overrides, "steps": args.steps,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "load_avg": os.getloadavg()[0], "teacher_params": t_params, "student_params": s_params,
-        "teacher_layers": args.teacher_layers, "median_s": med, "cached_over_live": med["cached"] / med["live"],
+        "teacher_layers": args.teacher_layers, "median_s": med,
+        "cached_over_live": med["cached"] / med["live"],
         "cot2align_over_kd_base": med["cached"] / med["kd_base"]}, indent=1))
     print(f"results: {args.out}")
 
