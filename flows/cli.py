@@ -99,11 +99,13 @@ def _cmd_plan(args) -> int:
 
     cfg = load_config(args.config or _default_config(), args.set)
     store = ArtifactStore(cfg.store)
-    for key, fp in plan(cfg).items():
+    fps = plan(cfg)
+    width = max(len(str(key)) for key in fps) + 2
+    for key, fp in fps.items():
         report = store.check(key.stage, fp)
         state = ("complete" if report.ok else "missing" if report.status == "absent"
                  else f"{report.status}: will {report.action}")
-        print(f"{str(key):<32}{fp}  {state}")
+        print(f"{str(key):<{width}}{fp}  {state}")
     return 0
 
 

@@ -53,8 +53,10 @@ def test_derived_properties():
 
 def test_ot_defaults_are_real_values_and_agree_with_the_solver():
     c = OTConfig()
-    assert (c.cost, c.eps, c.max_iter, c.tol) == (ot.DEFAULT_COST, ot.DEFAULT_EPS,
-                                                   ot.DEFAULT_MAX_ITER, ot.DEFAULT_TOL)
+    assert (c.cost, c.eps, c.tol) == (ot.DEFAULT_COST, ot.DEFAULT_EPS, ot.DEFAULT_TOL)
+    # Training caps Sinkhorn at the authors' 100 iterations (the solver's own default, for
+    # one-off exact plans, is higher): a batch waits for its slowest problem.
+    assert c.max_iter == 100 < ot.DEFAULT_MAX_ITER
     assert None not in c.model_dump().values()
     assert c.space == "teacher" and c.layer_weighting == "fixed"
 
