@@ -259,6 +259,33 @@ def one_sided_transport(cost: Tensor, student_mask: Tensor, teacher_mask: Tensor
     return (plan * cost).sum((1, 2))
 
 
+class _SemiOrthogonal(nn.Module):
+    """Parametrization ``W = Q``: the orthonormal factor of the QR decomposition of the stored
+    matrix (of its transpose when it is wide), columns signed by ``R``'s diagonal so that ``Q``
+    moves continuously with it. ``O(D_out D_in min(D_out, D_in))`` per call, against
+    ``O(max^3)`` for the matrix exponential of ``torch.nn.utils.parametrizations.orthogonal``
+    (whose default Householder map, besides, collapses to the zero matrix under AdamW here)."""
+
+    def forward(self, X: Tensor) -> Tensor:
+        tall = X.shape[0] >= X.shape[1]
+        Q, R = torch.linalg.qr(X if tall else X.T)
+        sign = torch.sign(torch.diagonal(R))
+        Q = Q * torch.where(sign == 0, torch.ones_like(sign), sign)
+        return Q if tall else Q.T
+
+
+def _linear_map(d_in: int, d_out: int, kind: str) -> nn.Module:
+    """A learned map ``d_in -> d_out``: affine (``"linear"``), or a semi-orthogonal matrix
+    without bias (``"orthogonal"``: orthonormal columns when ``d_out >= d_in``, rows
+    otherwise, :class:`_SemiOrthogonal`), which keeps every angle between the states it maps
+    (``d_out >= d_in``), so it cannot gather them onto one direction."""
+    if kind == "orthogonal":
+        layer = nn.Linear(d_in, d_out, bias=False)
+        nn.utils.parametrize.register_parametrization(layer, "weight", _SemiOrthogonal())
+        return layer
+    return nn.Linear(d_in, d_out)
+
+
 class OTAlignment(nn.Module):
     """The OT terms of one objective: the learned maps, the per-pair costs, the layer weights.
 
@@ -275,7 +302,7 @@ class OTAlignment(nn.Module):
     names : tuple of str
         Layer names (:func:`layer_name`), in the config's order.
     maps : nn.ModuleList of ``nn.Linear(D_s -> D_t)``, one per layer of ``names``
-        (``space="teacher"``)
+        (``space="teacher"``; ``map="orthogonal"``: no bias, orthonormal columns)
     projector : nn.Linear(D_t -> D_s), shared (``space="student"``)
     log_vars : nn.Parameter, shape (n_layers,) (``layer_weighting="uncertainty"``)
     """
@@ -291,9 +318,10 @@ class OTAlignment(nn.Module):
                               for n, s in self.specs.items() if s != "embedding"}
         self.maps = self.projector = self.log_vars = None
         if config.space == "teacher":
-            self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.names)
+            self.maps = nn.ModuleList(_linear_map(student_dim, teacher_dim, config.map)
+                                      for _ in self.names)
         else:
-            self.projector = nn.Linear(teacher_dim, student_dim)
+            self.projector = _linear_map(teacher_dim, student_dim, config.map)
         if config.layer_weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
 

@@ -12,7 +12,9 @@ in ``tasks/`` and one row here.
 ``distill`` has one instance per student and training seed, named by a :class:`StageKey`
 (``distill[sft,seed=1]``); every other stage has one instance. Fingerprints hash *resolved*
 values (every default filled in by the config model), so a default written out and a default
-left out give one fingerprint, and changing a default in the code changes it.
+left out give one fingerprint, and changing a default in the code changes it. An option added
+after artifacts exist is hashed only away from the value that behaves as the code did before
+it (:data:`ADDED_OPTIONS`), so adding it invalidates nothing; setting it does.
 """
 from __future__ import annotations
 
@@ -99,6 +101,26 @@ def _dump(model) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
+#: Options added to the objective after artifacts were made with it: (path in the dumped
+#: objective, the value that behaves as the code did before the option existed). At that value
+#: they are left out of the fingerprint.
+ADDED_OPTIONS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("ot", "map"), "linear"),
+)
+
+
+def _objective_params(objective) -> dict[str, Any]:
+    out = _dump(objective)
+    for path, before in ADDED_OPTIONS:
+        *parents, leaf = path
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf) == before:
+            del node[leaf]
+    return out
+
+
 def _scratch_tokenizers(cfg: PipelineConfig) -> dict[str, Any]:
     return {side: (_dump(m.scratch.tokenizer) if m.scratch is not None else None)
             for side, m in (("teacher", cfg.teacher), ("student", cfg.student))}
@@ -178,7 +200,7 @@ def _distill_params(cfg: PipelineConfig, key: StageKey, digest: Digest) -> dict[
     selection = _dump(cfg.distill.selection)
     selection["metric"] = cfg.selection_metric()
     # The label is not hashed: two labels with one objective share one artifact.
-    return {"objective": _dump(st.objective), "training": t,
+    return {"objective": _objective_params(st.objective), "training": t,
             "student": _model(cfg, "student", digest),
             "seed": key.seed, "selection": selection if selection["every"] else None,
             "health_every": cfg.distill.health_every}

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cot2align_core.config import ObjectiveConfig, OTConfig
@@ -152,7 +153,8 @@ def test_objective_equals_naive_per_example_composition(space):
                     if not (student[sf].present[b] and teacher[tf].present[b]):
                         continue
                     x, y = _naive_states(obj, model, student, teacher, embed, sf, tf, layer, b)
-                    vals.append(ot_alignment_loss(x[None], y[None], eps=0.05).item())
+                    vals.append(ot_alignment_loss(x[None], y[None], eps=0.05,
+                                                  max_iter=ot.max_iter).item())
                 if vals:
                     key = f"ot/{pair}/{sf}-{tf}/{layer}"
                     assert terms[key] == pytest.approx(sum(vals) / len(vals), rel=1e-4), key
@@ -176,8 +178,8 @@ def test_intermediate_layer_maps_depth_fractions_to_both_models():
     obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T, teacher_num_layers=4)
     _, terms = obj(model, student, teacher, teacher_embed=embed)
     vals = [ot_alignment_loss(*(v[None] for v in _naive_states(
-        obj, model, student, teacher, embed, "standard", "standard", 0.5, b))).item()
-        for b in range(4)]
+        obj, model, student, teacher, embed, "standard", "standard", 0.5, b)),
+        max_iter=cfg.ot.max_iter).item() for b in range(4)]
     assert terms["ot/main/standard-standard/0.5"] == pytest.approx(sum(vals) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="teacher_num_layers"):
         CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
@@ -543,10 +545,11 @@ def _synthetic_task(seed, n=24):
     return {"standard": sb}, {"standard": tb}, emb
 
 
-def test_health_after_training_keeps_spread_and_discrimination():
+@pytest.mark.parametrize("kind", ["linear", "orthogonal"])
+def test_health_after_training_keeps_spread_and_discrimination(kind):
     student, teacher, embed = _synthetic_task(17)
     model = _gpt2(17)
-    cfg = ObjectiveConfig(alpha=0.5, kd_base="none", ot=OTConfig(pairs={"main": 1.0}))
+    cfg = ObjectiveConfig(alpha=0.5, kd_base="none", ot=OTConfig(pairs={"main": 1.0}, map=kind))
     obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
     opt = torch.optim.AdamW(list(model.parameters()) + obj.projector_parameters(), lr=3e-3)
     for _ in range(60):
@@ -584,6 +587,47 @@ def test_health_shuffled_control_is_another_examples_teacher():
     assert obj.health(model, student, teacher, embed)  # repeatable
     assert CoT2AlignObjective(ObjectiveConfig(ot=None), student_dim=D_S,
                               teacher_dim=D_T).health(model, student, teacher, embed) == {}
+
+
+@pytest.mark.parametrize("d_t", [48, 20])
+def test_orthogonal_map_is_semi_orthogonal_without_bias_and_stays_so(d_t):
+    """``ot.map: orthogonal``: W has orthonormal columns (D_t >= D_s: every angle between
+    mapped states is kept, so they cannot be gathered onto one direction) or rows (a wider
+    student: a projection), no bias, and it stays so through training."""
+    gen = torch.Generator().manual_seed(31)
+    ot_cfg = OTConfig(pairs={"main": 1.0}, layers=["last"], map="orthogonal")
+    align = CoT2AlignObjective(ObjectiveConfig(alpha=1.0, kd_base="none", ot=ot_cfg),
+                               student_dim=D_S, teacher_dim=d_t).ot
+    (m,) = align.maps
+    assert m.bias is None
+    opt = torch.optim.AdamW(align.parameters(), lr=0.05)
+    x = torch.randn(6, 5, D_S, generator=gen)
+    target = torch.randn(6, 5, d_t, generator=gen)
+    for _ in range(20):  # pull the map somewhere: it must stay semi-orthogonal
+        loss = (m(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W = m.weight.detach().double()
+    eye = torch.eye(min(D_S, d_t), dtype=torch.float64)
+    gram = W.T @ W if d_t >= D_S else W @ W.T
+    assert torch.allclose(gram, eye, atol=1e-5)
+    if d_t >= D_S:
+        y = m(x).detach().double()
+        cos = lambda z: F.normalize(z.flatten(0, 1), dim=-1) @ F.normalize(z.flatten(0, 1), dim=-1).T  # noqa: E731
+        assert torch.allclose(cos(y), cos(x.double()), atol=1e-5)
+
+
+def test_added_option_at_its_old_behaviour_keeps_the_fingerprint():
+    from tasks.registry import _objective_params
+
+    base = ObjectiveConfig()
+    dumped = base.model_dump(mode="json")
+    assert "map" not in _objective_params(base)["ot"]
+    assert {k: v for k, v in dumped["ot"].items() if k != "map"} == _objective_params(base)["ot"]
+    ortho = ObjectiveConfig(ot=OTConfig(map="orthogonal"))
+    assert _objective_params(ortho)["ot"]["map"] == "orthogonal"
+    assert _objective_params(ObjectiveConfig(ot=None))["ot"] is None
 
 
 # ------------------------------------------------------------------------------- errors
