@@ -67,7 +67,8 @@ HEALTHY_RATIO = 0.8
 
 def health_table(health: dict[str, list[dict]]) -> str:
     """Markdown: per student (first training seed), the last measured own/shuffled OT cost
-    ratio of each pair and layer, and the spread of the mapped states."""
+    ratio of each pair and layer, the teacher's own ratio for the cross pairs, and whether the
+    term still carries teacher signal."""
     from cot2align_core.report import markdown_table
 
     rows = []
@@ -75,13 +76,22 @@ def health_table(health: dict[str, list[dict]]) -> str:
         last = hist[-1]
         for key in sorted(k for k in last if k.startswith("health/ratio/") and last[k] is not None):
             ratio = float(last[key])
+            ref = last.get(key.replace("health/ratio/", "health/reference/"))
+            ref = None if ref is None else float(ref)
+            signal = ("yes" if ratio <= HEALTHY_RATIO
+                      else "as the teacher's" if ref is not None and ratio <= ref + 0.02
+                      else "weak")
             rows.append({"student": name, "step": last["step"],
                          "pair / forms / layer": key.removeprefix("health/ratio/"),
                          "own / shuffled": ratio,
-                         "teacher signal": "yes" if ratio <= HEALTHY_RATIO else "weak"})
+                         "teacher's own": "" if ref is None else f"{ref:.3f}",
+                         "teacher signal": signal})
     note = (f"Own-teacher OT cost divided by the cost against another example's teacher, on a "
             f"fixed probe batch; at or below {HEALTHY_RATIO} the term still tells the "
-            "example's own teacher from another's.")
+            "example's own teacher from another's. A cross pair compares two different texts "
+            "(an answer, a rationale and an answer), so it is also given with the teacher's own "
+            "states of the student's form on the student side (\"teacher's own\"): a cross "
+            "term at or below that level carries what the teacher's representation can.")
     return note + "\n\n" + markdown_table(rows, floatfmt=".3f")
 
 

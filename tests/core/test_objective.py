@@ -630,6 +630,34 @@ def test_added_option_at_its_old_behaviour_keeps_the_fingerprint():
     assert _objective_params(ObjectiveConfig(ot=None))["ot"] is None
 
 
+def test_health_reference_is_the_teachers_own_cross_pair_ratio():
+    """health/reference/<cross pair>: own / shuffled with the teacher's states of the
+    student's form on the student side, checked against per-example OT of those states."""
+    model = _gpt2(21)
+    student, teacher, embed, _ = _batch(21, present_cot=[True, True, False, True])
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none", ot=OTConfig())
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    health = obj.health(model, student, teacher, embed)
+    assert not any(k.startswith("health/reference/main") for k in health)
+    rows = [0, 1, 3]  # the examples with both forms
+
+    def states(tb, b, layer):
+        m = int(tb.mask[b].sum())
+        h = embed[tb.target_ids[b, :m]] if layer == "embedding" else tb.hidden[b, 0, :m].float()
+        return _rms(h)[None]
+
+    for pair, sf, tf in (("cross_a", "standard", "cot"), ("cross_b", "cot", "standard")):
+        for layer in ("embedding", "last"):
+            own = [ot_alignment_loss(states(teacher[sf], r, layer), states(teacher[tf], r, layer),
+                                     max_iter=cfg.ot.max_iter).item() for r in rows]
+            other = [ot_alignment_loss(states(teacher[sf], r, layer),
+                                       states(teacher[tf], rows[(i + 1) % 3], layer),
+                                       max_iter=cfg.ot.max_iter).item()
+                     for i, r in enumerate(rows)]
+            assert health[f"health/reference/{pair}/{sf}-{tf}/{layer}"] == pytest.approx(
+                sum(own) / sum(other), rel=1e-4)
+
+
 # ------------------------------------------------------------------------------- errors
 def test_errors():
     model = _gpt2()

@@ -106,6 +106,25 @@ def test_the_report_shows_only_the_terms_each_model_trained_with(task_store):
     text = open(report, encoding="utf-8").read()
     assert "## Paired differences" in text and "differences.png" in text
     assert "## OT health at the end of training" in text and "own / shuffled" in text
+    assert "teacher's own" in text
+
+
+def test_health_table_judges_cross_pairs_against_the_teachers_own_ratio():
+    from tasks.report import health_table
+
+    last = {"step": 9, "health/ratio/main/cot-cot/last": 0.5,
+            "health/ratio/cross_a/standard-cot/last": 0.9,
+            "health/reference/cross_a/standard-cot/last": 0.91,
+            "health/ratio/cross_b/cot-standard/embedding": 0.95,
+            "health/reference/cross_b/cot-standard/embedding": 0.82}
+    lines = health_table({"s": [last]}).splitlines()
+    row = {key: next(line for line in lines if key in line)
+           for key in ("main/cot-cot/last", "cross_a/standard-cot/last",
+                       "cross_b/cot-standard/embedding")}
+    assert row["main/cot-cot/last"].rstrip(" |").endswith("yes")
+    assert "0.910" in row["cross_a/standard-cot/last"]
+    assert row["cross_a/standard-cot/last"].rstrip(" |").endswith("as the teacher's")
+    assert row["cross_b/cot-standard/embedding"].rstrip(" |").endswith("weak")
 
 
 def test_a_missing_upstream_names_the_artifact_and_the_command(task_cfg, tmp_path):
@@ -143,6 +162,9 @@ def test_ot_students_log_the_health_of_their_ot_terms(task_store):
     assert {k.split("/")[2] for k in ratios} == {"main", "cross_a", "cross_b"}
     assert {k.split("/")[-1] for k in ratios} == {"embedding", "last"}
     assert all(0 < measured[-1][k] < 2 for k in ratios)
+    refs_ = [k for k in measured[-1] if k.startswith("health/reference/")]
+    assert {k.split("/")[2] for k in refs_} == {"cross_a", "cross_b"}
+    assert all(0 < measured[-1][k] < 2 for k in refs_)
     assert any(k.startswith("health/spread/") for k in measured[-1])
     sft = artifact(refs["distill[sft,seed=0]"]).read_table("history").column_names
     assert not any(k.startswith("health/") for k in sft)
