@@ -190,6 +190,13 @@ def _rms_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _centred(x: Tensor, mask: Tensor) -> Tensor:
+    """``x [n, R, D]`` minus the mean of its valid tokens (``mask [n, R]``) over the whole
+    batch: the direction every state shares is removed before the cosine cost."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return x - (x * m).sum((0, 1)) / m.sum().clamp_min(1)
+
+
 def _spread(x: Tensor) -> float:
     """Mean cosine of the rows of ``x [N, D]`` to the centroid of their unit vectors
     (1: all on one direction; near 0: spread)."""
@@ -365,6 +372,8 @@ class OTAlignment(nn.Module):
         b = teacher[tf].select(rows.roll(-shift).to(teacher[tf].present.device))
         x = self.teacher_states(a, name, teacher_embed)
         y = self.teacher_states(b, name, teacher_embed).to(x.device)
+        if self.config.center:
+            x, y = _centred(x, a.mask.to(x.device)), _centred(y, b.mask.to(x.device))
         free = None
         if self.config.cross_marginals == "relaxed_cot":
             free = "teacher" if tf == "cot" else "student"
@@ -383,11 +392,14 @@ class OTAlignment(nn.Module):
         t_sel = tb.select(rows.roll(-shift).to(tb.present.device))
         s = run.slot[rows]
         x, y = self.sides(run.hidden[name][s], t_sel, name, teacher_embed)
+        t_mask = t_sel.mask.to(x.device)
+        if self.config.center:
+            x, y = _centred(x, run.mask[s]), _centred(y, t_mask)
         free = None
         if pair != "main" and self.config.cross_marginals == "relaxed_cot":
             free = "teacher" if tf == "cot" else "student"
-        cost = pairwise_cost(x, y, self.config.cost, y_mask=t_sel.mask.to(x.device).float())
-        return OTProblem(cost, run.mask[s], t_sel.mask.to(x.device), free)
+        cost = pairwise_cost(x, y, self.config.cost, y_mask=t_mask.float())
+        return OTProblem(cost, run.mask[s], t_mask, free)
 
     def solve(self, problems: list[OTProblem]) -> list[Tensor]:
         r"""Per-example transport costs :math:`\langle T^\star, C \rangle` of groups of

@@ -106,6 +106,7 @@ def _dump(model) -> dict[str, Any]:
 #: they are left out of the fingerprint.
 ADDED_OPTIONS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("ot", "map"), "linear"),
+    (("ot", "center"), False),
 )
 
 

@@ -545,11 +545,13 @@ def _synthetic_task(seed, n=24):
     return {"standard": sb}, {"standard": tb}, emb
 
 
-@pytest.mark.parametrize("kind", ["linear", "orthogonal"])
-def test_health_after_training_keeps_spread_and_discrimination(kind):
+@pytest.mark.parametrize("kind,center", [("linear", False), ("orthogonal", False),
+                                         ("linear", True)])
+def test_health_after_training_keeps_spread_and_discrimination(kind, center):
     student, teacher, embed = _synthetic_task(17)
     model = _gpt2(17)
-    cfg = ObjectiveConfig(alpha=0.5, kd_base="none", ot=OTConfig(pairs={"main": 1.0}, map=kind))
+    cfg = ObjectiveConfig(alpha=0.5, kd_base="none",
+                          ot=OTConfig(pairs={"main": 1.0}, map=kind, center=center))
     obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
     opt = torch.optim.AdamW(list(model.parameters()) + obj.projector_parameters(), lr=3e-3)
     for _ in range(60):
@@ -618,44 +620,53 @@ def test_orthogonal_map_is_semi_orthogonal_without_bias_and_stays_so(d_t):
         assert torch.allclose(cos(y), cos(x.double()), atol=1e-5)
 
 
+def test_centred_cost_removes_the_batch_mean_of_each_side():
+    """ot.center: each side minus the mean of its valid states over the batch, then the
+    cosine cost; checked per example against those states, and a student side gathered on
+    one point costs the same against every teacher."""
+    model = _gpt2(23)
+    student, teacher, embed, _ = _batch(23)
+    cfg = ObjectiveConfig(alpha=1.0, kd_base="none",
+                          ot=OTConfig(pairs={"main": 1.0}, layers=["last"], center=True))
+    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
+    _, terms = obj(model, student, teacher, teacher_embed=embed)
+    xs, ys = zip(*(_naive_states(obj, model, student, teacher, embed, "standard", "standard",
+                                 "last", b) for b in range(4)))
+    mx = torch.cat(xs).mean(0)
+    my = torch.cat(ys).mean(0)
+    vals = [ot_alignment_loss((x - mx)[None], (y - my)[None], max_iter=cfg.ot.max_iter).item()
+            for x, y in zip(xs, ys)]
+    assert terms["ot/main/standard-standard/last"] == pytest.approx(sum(vals) / 4, rel=1e-4)
+    # Every student state the same: centred, the student side is 0 (up to rounding) and the
+    # cost is about 1 for any teacher; uncentred, it is lower, and lowest for the teachers
+    # nearest that point.
+    with torch.no_grad():
+        obj.ot.maps[0].weight.zero_()
+        obj.ot.maps[0].bias.copy_(teacher["standard"].hidden[0, 0, 0].float())
+    health = obj.health(model, student, teacher, embed)
+    assert health["health/own/main/standard-standard/last"] == pytest.approx(1.0, abs=0.1)
+    assert health["health/ratio/main/standard-standard/last"] == pytest.approx(1.0, abs=0.1)
+    plain = CoT2AlignObjective(cfg.model_copy(update={"ot": cfg.ot.model_copy(
+        update={"center": False})}), student_dim=D_S, teacher_dim=D_T)
+    plain.load_state_dict(obj.state_dict())
+    assert plain.health(model, student, teacher, embed)[
+        "health/own/main/standard-standard/last"] < 0.9
+
+
 def test_added_option_at_its_old_behaviour_keeps_the_fingerprint():
-    from tasks.registry import _objective_params
+    from tasks.registry import ADDED_OPTIONS, _objective_params
 
     base = ObjectiveConfig()
     dumped = base.model_dump(mode="json")
-    assert "map" not in _objective_params(base)["ot"]
-    assert {k: v for k, v in dumped["ot"].items() if k != "map"} == _objective_params(base)["ot"]
-    ortho = ObjectiveConfig(ot=OTConfig(map="orthogonal"))
-    assert _objective_params(ortho)["ot"]["map"] == "orthogonal"
+    added = {path[-1] for path, _ in ADDED_OPTIONS}
+    assert {"map", "center"} <= added
+    assert not added & set(_objective_params(base)["ot"])
+    assert {k: v for k, v in dumped["ot"].items() if k not in added} == \
+        _objective_params(base)["ot"]
+    assert _objective_params(ObjectiveConfig(ot=OTConfig(map="orthogonal")))["ot"]["map"] == \
+        "orthogonal"
+    assert _objective_params(ObjectiveConfig(ot=OTConfig(center=True)))["ot"]["center"] is True
     assert _objective_params(ObjectiveConfig(ot=None))["ot"] is None
-
-
-def test_health_reference_is_the_teachers_own_cross_pair_ratio():
-    """health/reference/<cross pair>: own / shuffled with the teacher's states of the
-    student's form on the student side, checked against per-example OT of those states."""
-    model = _gpt2(21)
-    student, teacher, embed, _ = _batch(21, present_cot=[True, True, False, True])
-    cfg = ObjectiveConfig(alpha=1.0, kd_base="none", ot=OTConfig())
-    obj = CoT2AlignObjective(cfg, student_dim=D_S, teacher_dim=D_T)
-    health = obj.health(model, student, teacher, embed)
-    assert not any(k.startswith("health/reference/main") for k in health)
-    rows = [0, 1, 3]  # the examples with both forms
-
-    def states(tb, b, layer):
-        m = int(tb.mask[b].sum())
-        h = embed[tb.target_ids[b, :m]] if layer == "embedding" else tb.hidden[b, 0, :m].float()
-        return _rms(h)[None]
-
-    for pair, sf, tf in (("cross_a", "standard", "cot"), ("cross_b", "cot", "standard")):
-        for layer in ("embedding", "last"):
-            own = [ot_alignment_loss(states(teacher[sf], r, layer), states(teacher[tf], r, layer),
-                                     max_iter=cfg.ot.max_iter).item() for r in rows]
-            other = [ot_alignment_loss(states(teacher[sf], r, layer),
-                                       states(teacher[tf], rows[(i + 1) % 3], layer),
-                                       max_iter=cfg.ot.max_iter).item()
-                     for i, r in enumerate(rows)]
-            assert health[f"health/reference/{pair}/{sf}-{tf}/{layer}"] == pytest.approx(
-                sum(own) / sum(other), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------- errors
