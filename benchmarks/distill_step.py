@@ -101,6 +101,23 @@ class LiveTeacher:
                           for f in ("standard", "cot")}} for it in items]
 
 
+def trained_student(cfg):
+    """(model state dict, objective state dict) of the config's main student, training seed
+    0, from its distill artifact (run the pipeline first)."""
+    from cot2align_core.modeling import load_model
+    from tasks.registry import StageKey, plan
+    from tasks.stage import open_store
+
+    key = StageKey("distill", cfg.distill.label, cfg.training_seeds()[0])
+    art = open_store(cfg).get("distill", plan(cfg)[key])
+    if art is None:
+        raise SystemExit(f"--trained: {key} has no artifact in {cfg.store}; run "
+                         f"`cot2align run {cfg.name}` (or its distill stage) first")
+    path = Path(art.path)
+    model = load_model(path / "model", "float32", "cpu")
+    return model.state_dict(), torch.load(path / "objective.pt", map_location="cpu")
+
+
 def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -115,6 +132,10 @@ def main() -> None:
     p.add_argument("--teacher-layers", type=int, default=None,
                    help="time the live teacher with this many layers (a scratch teacher of the "
                         "same width, random weights) instead of the trained one")
+    p.add_argument("--trained", action="store_true",
+                   help="start both setups from the config's trained main student (training "
+                        "seed 0: its distill artifact's weights and OT maps), to time steps "
+                        "late in training, where Sinkhorn needs more iterations")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distill_step.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +163,7 @@ def main() -> None:
     if not objective_cfg.uses_ot:
         raise SystemExit("the config's distill objective has no OT term: nothing to compare")
     base_cfg = objective_cfg.model_copy(update={"ot": None})
+    trained = trained_student(cfg) if args.trained else None
     setups = {}
     for name, ocfg in (("cot2align", objective_cfg), ("kd_base", base_cfg)):
         torch.manual_seed(0)
@@ -149,6 +171,11 @@ def main() -> None:
         objective = CoT2AlignObjective(ocfg, student_dim=model.config.hidden_size,
                                        teacher_dim=embed.shape[1],
                                        teacher_num_layers=teacher_num_layers(cfg))
+        if trained is not None:  # the trained weights; the KD base keeps its own parts only
+            weights, parts = trained
+            model.load_state_dict(weights)
+            own = objective.state_dict()
+            objective.load_state_dict({k: v for k, v in parts.items() if k in own})
         opt = torch.optim.AdamW(list(model.parameters()) + objective.projector_parameters(),
                                 lr=cfg.distill.training.lr)
         setups[name] = (model, objective, opt)
@@ -183,7 +210,8 @@ def main() -> None:
     print(f"teacher {t_params:,} parameters, student {s_params:,}: size ratio "
           f"{t_params / s_params:.1f}x; batch {cfg.distill.training.batch_size}, objective "
           f"{objective_cfg.kd_base} + OT {objective_cfg.ot.layers} (space "
-          f"{objective_cfg.ot.space}); {args.steps} steps, {args.threads} thread(s)")
+          f"{objective_cfg.ot.space}); {args.steps} steps, {args.threads} thread(s); "
+          f"student {'trained (main student, seed 0)' if args.trained else 'untrained'}")
     print(f"{'step':<40}{'median s':>10}")
     labels = {"cached": "CoT2Align, cached teacher", "live": "CoT2Align, live teacher forward",
               "kd_base": f"{objective_cfg.kd_base} alone, cached teacher"}
@@ -197,7 +225,7 @@ def main() -> None:
         "config": args.config, "overrides": args.overrides, "steps": args.steps,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "load_avg": os.getloadavg()[0], "teacher_params": t_params, "student_params": s_params,
-        "teacher_layers": args.teacher_layers, "median_s": med,
+        "teacher_layers": args.teacher_layers, "trained": args.trained, "median_s": med,
         "cached_over_live": med["cached"] / med["live"],
         "cot2align_over_kd_base": med["cached"] / med["kd_base"]}, indent=1))
     print(f"results: {args.out}")

@@ -19,12 +19,14 @@ def _bench(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("deeper", [None, 8], ids=["trained-teacher", "deeper-teacher"])
-def test_distill_step_benchmark_times_the_three_steps(tiny_run, tmp_path, deeper):
+@pytest.mark.parametrize("deeper,trained", [(None, False), (8, False), (None, True)],
+                         ids=["trained-teacher", "deeper-teacher", "trained-student"])
+def test_distill_step_benchmark_times_the_three_steps(tiny_run, tmp_path, deeper, trained):
     config, _, _ = tiny_run
     out = tmp_path / "distill_step.json"
     proc = _bench(["benchmarks/distill_step.py", str(config), "--steps", "2", "--warmup", "1",
-                   "--out", str(out)] + (["--teacher-layers", str(deeper)] if deeper else []))
+                   "--out", str(out)] + (["--teacher-layers", str(deeper)] if deeper else [])
+                  + (["--trained"] if trained else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cached / live teacher" in proc.stdout and "CoT2Align / dskd alone" in proc.stdout
     got = json.loads(out.read_text())
@@ -33,6 +35,8 @@ def test_distill_step_benchmark_times_the_three_steps(tiny_run, tmp_path, deeper
     assert got["teacher_params"] > got["student_params"]
     if deeper:  # 8 layers instead of the tiny config's 4, same width
         assert got["teacher_layers"] == 8 and got["teacher_params"] > 1.5 * 868_000
+    assert got["trained"] is trained
+    assert ("student trained (main student, seed 0)" in proc.stdout) is trained
 
 
 def test_method_study_trains_and_scores_students(tiny_run, tmp_path):
