@@ -364,21 +364,26 @@ class OTAlignment(nn.Module):
         """The problems of a cross pair with the *teacher's* ``sf``-form states in place of the
         student's (no map): what the teacher's own representation gives (None if fewer than
         two rows have both forms). ``shift`` as in :meth:`problem`."""
-        both = teacher[sf].present.bool() & teacher[tf].present.to(teacher[sf].present.device).bool()
-        rows = torch.nonzero(both).squeeze(1)
+        present = teacher[sf].present.bool()
+        rows = torch.nonzero(present & teacher[tf].present.to(present.device).bool()).squeeze(1)
         if rows.numel() < 2:
             return None
         a = teacher[sf].select(rows)
         b = teacher[tf].select(rows.roll(-shift).to(teacher[tf].present.device))
         x = self.teacher_states(a, name, teacher_embed)
         y = self.teacher_states(b, name, teacher_embed).to(x.device)
+        return self._problem(x, y, a.mask.to(x.device), b.mask.to(x.device), tf, cross=True)
+
+    def _problem(self, x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, tf: str, *,
+                 cross: bool) -> OTProblem:
+        """Both sides in the common space -> the problems (centring, cost, free marginal)."""
         if self.config.center:
-            x, y = _centred(x, a.mask.to(x.device)), _centred(y, b.mask.to(x.device))
+            x, y = _centred(x, x_mask), _centred(y, y_mask)
         free = None
-        if self.config.cross_marginals == "relaxed_cot":
+        if cross and self.config.cross_marginals == "relaxed_cot":
             free = "teacher" if tf == "cot" else "student"
-        cost = pairwise_cost(x, y, self.config.cost, y_mask=b.mask.to(x.device).float())
-        return OTProblem(cost, a.mask.to(x.device), b.mask.to(x.device), free)
+        cost = pairwise_cost(x, y, self.config.cost, y_mask=y_mask.float())
+        return OTProblem(cost, x_mask, y_mask, free)
 
     def problem(self, pair: str, sf: str, tf: str, run: StudentRun, tb: TeacherBatch,
                 name: str, teacher_embed: Tensor | None, *, shift: int = 0) -> OTProblem | None:
@@ -392,14 +397,8 @@ class OTAlignment(nn.Module):
         t_sel = tb.select(rows.roll(-shift).to(tb.present.device))
         s = run.slot[rows]
         x, y = self.sides(run.hidden[name][s], t_sel, name, teacher_embed)
-        t_mask = t_sel.mask.to(x.device)
-        if self.config.center:
-            x, y = _centred(x, run.mask[s]), _centred(y, t_mask)
-        free = None
-        if pair != "main" and self.config.cross_marginals == "relaxed_cot":
-            free = "teacher" if tf == "cot" else "student"
-        cost = pairwise_cost(x, y, self.config.cost, y_mask=t_mask.float())
-        return OTProblem(cost, run.mask[s], t_mask, free)
+        return self._problem(x, y, run.mask[s], t_sel.mask.to(x.device), tf,
+                             cross=pair != "main")
 
     def solve(self, problems: list[OTProblem]) -> list[Tensor]:
         r"""Per-example transport costs :math:`\langle T^\star, C \rangle` of groups of

@@ -615,9 +615,11 @@ def test_orthogonal_map_is_semi_orthogonal_without_bias_and_stays_so(d_t):
     gram = W.T @ W if d_t >= D_S else W @ W.T
     assert torch.allclose(gram, eye, atol=1e-5)
     if d_t >= D_S:
-        y = m(x).detach().double()
-        cos = lambda z: F.normalize(z.flatten(0, 1), dim=-1) @ F.normalize(z.flatten(0, 1), dim=-1).T  # noqa: E731
-        assert torch.allclose(cos(y), cos(x.double()), atol=1e-5)
+        def cos(z):
+            u = F.normalize(z.flatten(0, 1), dim=-1)
+            return u @ u.T
+
+        assert torch.allclose(cos(m(x).detach().double()), cos(x.double()), atol=1e-5)
 
 
 def test_centred_cost_removes_the_batch_mean_of_each_side():
