@@ -39,6 +39,8 @@ bench: $(STAMP)
 	# distill_step reads the config's teacher cache: the pipeline first (reused when there).
 	$(VENV)/bin/cot2align run $(CONFIG)
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/distill_step.py $(CONFIG)
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/distill_step.py $(CONFIG) --trained \
+		--out benchmarks/results/distill_step_trained.json
 
 clean:
 	rm -rf artifacts .pytest_cache
