@@ -228,9 +228,9 @@ class OTConfig(_Section):
     iterations on some problems, and a batch waits for its slowest one (3.2x slower training
     on the demo, no better student: README "Results"). ``eps`` is in cost units (the cosine
     cost lies in [0, 2]); 0.05 separates aligned from unrelated sequences, the released
-    code's 10 does not. ``pairs`` weighs the main and cross
-    pairs; ``weight`` the whole OT sum. ``layers`` are the layers of the main pairs,
-    ``cross_layers`` (some of them; default: the same) those of the cross pairs.
+    code's 10 does not. ``pairs`` weighs the main and cross pairs; ``weight`` the whole OT
+    sum. ``layers`` are the layers of the main pairs, ``cross_layers`` (some of them;
+    default: the same) those of the cross pairs.
 
     ``space``: where the two sides are compared. ``teacher`` (default): one learned linear map
     per layer carries the student's states to the teacher's width; the cached teacher states

@@ -63,6 +63,9 @@ def health_histories(histories: dict[str, list[dict]]) -> dict[str, list[dict]]:
 #: Own/shuffled OT cost ratio above which a term is reported as no longer telling the
 #: example's own teacher from another's.
 HEALTHY_RATIO = 0.8
+#: A cross term within this much of the teacher's own ratio (``health/reference/...``) carries
+#: what the teacher's representation can.
+REFERENCE_SLACK = 0.02
 
 
 def health_table(health: dict[str, list[dict]]) -> str:
@@ -79,7 +82,7 @@ def health_table(health: dict[str, list[dict]]) -> str:
             ref = last.get(key.replace("health/ratio/", "health/reference/"))
             ref = None if ref is None else float(ref)
             signal = ("yes" if ratio <= HEALTHY_RATIO
-                      else "as the teacher's" if ref is not None and ratio <= ref + 0.02
+                      else "as the teacher's" if ref is not None and ratio <= ref + REFERENCE_SLACK
                       else "weak")
             rows.append({"student": name, "step": last["step"],
                          "pair / forms / layer": key.removeprefix("health/ratio/"),
