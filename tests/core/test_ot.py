@@ -348,13 +348,16 @@ def test_small_eps_follows_the_log_domain_iterates(g, dtype):
         ref = reference_log_sinkhorn(C[k, :n, :m], ak, bk, eps, n_iter)
         l1 = float((res.plan[k, :n, :m].double() - ref).abs().sum())
         assert l1 < (1e-10 if dtype == F64 else 1e-4), l1
-    # With a tolerance it stays finite also in float32, and converges, or (for the rare
-    # problem whose float32 iterates stall above the tolerance at eps = 1e-3 x range) ends at
-    # max_iter still close to the marginals.
+    # With a tolerance it stays finite also in float32 and gets as close to the marginals as
+    # float64 does. Some problems need more than 20 000 iterations at eps = 1e-3 x range in
+    # either precision (a 2 x 3 one drawn in CI needed 30 560, float32 and float64 alike), so
+    # float64 with the same budget is the yardstick, not the tolerance.
     conv = sinkhorn(C.float(), a.float(), b.float(), eps=eps, tol=1e-3, max_iter=20_000)
+    conv64 = sinkhorn(C, a, b, eps=eps, tol=1e-3, max_iter=20_000)
     assert torch.isfinite(conv.plan).all()
-    for err, it in zip(conv.marginal_error.tolist(), conv.n_iter.tolist()):
-        assert err <= 1.1e-3 or (it == 20_000 and err < 1e-2), (err, it)
+    errs = zip(conv.marginal_error.tolist(), conv64.marginal_error.tolist(), conv.n_iter.tolist())
+    for err, err64, it in errs:
+        assert err <= 1.1e-3 or (it == 20_000 and err <= err64 + 1e-4), (err, err64, it)
 
 
 def test_non_finite_costs_on_padding_are_ignored(g):
