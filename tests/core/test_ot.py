@@ -145,6 +145,71 @@ def test_result_of_a_problem_does_not_depend_on_the_batch(g):
         assert int(batch.n_iter[k]) == int(alone.n_iter)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_converged_problems_leave_the_iterations(g, monkeypatch, grouped):
+    """On CPU a problem stops costing work once it converges: the batched mat-vecs run on the
+    problems still iterating only, and every problem's plan is the one it gets alone."""
+    import cot2align_core.ot as ot_module
+
+    B = 9
+    C, a, b, ns, ms = padded_problem(g, B, 24, 24, n_min=2, m_min=2)
+    # Mixed convergence speeds: flat costs converge in one block, peaked ones take hundreds.
+    C = C * torch.rand(B, 1, 1, generator=g, dtype=F64).pow(3) * 3
+    if grouped:
+        monkeypatch.setattr(ot_module, "_CPU_BATCH_BYTES", 0)
+        monkeypatch.setattr(ot_module, "_CPU_GROUP_BYTES", 3 * 2 * 8 * 24 * 24)
+    work, bmm = [], torch.bmm
+
+    def counting_bmm(x, y, **kw):
+        work.append(x.shape[0])
+        return bmm(x, y, **kw)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
+    kw = dict(eps=0.02, tol=1e-6, max_iter=300)
+    batch = sinkhorn(C, a, b, **kw)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    n_iter = batch.n_iter
+    assert int(n_iter.min()) < int(n_iter.max())  # the draw mixes fast and slow problems
+    # Two mat-vecs per problem and iteration (a few more when a block falls back to the log
+    # domain, which does not call bmm): not the whole batch to the slowest one's end.
+    assert sum(work) <= 2 * int(n_iter.sum())
+    for k in range(B):
+        alone = sinkhorn(C[k], a[k], b[k], **kw)
+        assert int(batch.n_iter[k]) == int(alone.n_iter)
+        torch.testing.assert_close(batch.plan[k], alone.plan, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_kernels_are_widened_onto_the_blas_path(g, monkeypatch, dtype):
+    """Kernels under 400 entries are iterated with zero-weight columns of ones appended (torch's
+    bmm loops plainly below that size): the plans are the narrow kernel's, to rounding."""
+    import cot2align_core.ot as ot_module
+
+    n, m = randint(g, 12, 30), randint(g, 5, 13)
+    C, a, b, ns, ms = padded_problem(g, 6, n, m, dtype=dtype, n_min=2, m_min=2)
+    C[0, ns[0]:, :] = float("nan")  # padding may hold anything
+    kw = dict(eps=0.05, tol=1e-7 if dtype == F64 else 1e-5, max_iter=500)
+    shapes, bmm = [], torch.bmm
+
+    def spy_bmm(x, y, **kw):
+        shapes.append(y.shape[-2] * y.shape[-1])
+        return bmm(x, y, **kw)
+
+    monkeypatch.setattr(torch, "bmm", spy_bmm)
+    wide = sinkhorn(C, a, b, **kw)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    box = max(ns) * max(ms)
+    if box * 4 >= 400:  # widened unless it would more than quadruple
+        assert shapes and min(shapes) >= 400, (box, set(shapes))
+    monkeypatch.setattr(ot_module, "_CPU_BLAS_MIN_PRODUCT", 0)
+    narrow = sinkhorn(C, a, b, **kw)
+    atol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(wide.plan, narrow.plan, atol=atol, rtol=0)
+    torch.testing.assert_close(wide.value, narrow.value, atol=atol, rtol=0)
+    assert wide.n_iter.tolist() == narrow.n_iter.tolist()
+    assert float(wide.marginal_error.max()) <= 1.2 * kw["tol"]
+
+
 @pytest.mark.parametrize("eps", [0.05, 2e-3])
 def test_cpu_groups_match_the_whole_batch(g, monkeypatch, eps):
     """Large CPU batches are iterated in cache-sized groups cropped to their valid entries."""
