@@ -75,6 +75,13 @@ def make_problem(name: str, device: str, seed: int = 0):
         ns = torch.randint(64, 513, (B,), generator=g).tolist()
         ms = [min(512, max(64, int(n * float(torch.empty(()).uniform_(0.8, 1.5, generator=g))))) for n in ns]
         ns[0], ms[1] = 512, 512  # padded to 512 x 512
+    elif name == "B192_demo":
+        # The demo's OT batch: 32 examples x 6 terms, answers of 2-7 student tokens and
+        # rationales of up to 28, the teacher's BPE about half as many tokens.
+        B = 192
+        ns = torch.randint(2, 29, (B,), generator=g).tolist()
+        ms = [min(14, max(2, int(n * float(torch.empty(()).uniform_(0.4, 0.6, generator=g))))) for n in ns]
+        ns[0], ms[1] = 28, 14  # padded to 28 x 14
     else:
         raise ValueError(name)
     N, M, d = max(ns), max(ms), 64
@@ -310,7 +317,7 @@ def main() -> None:
     device, eps, iters = args.device, args.eps, args.iters
     repeats = 3 if args.quick else 7
     budget = 1.5 if args.quick else 6.0  # seconds of timed calls per (method, problem, mode)
-    problems = ["B32_128x128", "B8_ragged512"]
+    problems = ["B32_128x128", "B8_ragged512", "B192_demo"]
     started = time.perf_counter()
     bw = copy_bandwidth(device)
     results = {
