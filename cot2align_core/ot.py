@@ -752,7 +752,10 @@ def sinkhorn(
     quantities the iterations compute anyway; the host synchronises once per such block (to
     decide whether to stop), never per iteration. On CPU only, a batch whose kernel exceeds
     8 MiB is iterated in groups of consecutive problems whose kernels fit a core's cache (1 MiB),
-    each cropped to the bounding box of its valid entries (trailing padding is not touched).
+    each cropped to the bounding box of its valid entries (trailing padding is not touched);
+    converged problems leave the iterations, and kernels of fewer than 400 entries get
+    zero-weight columns to reach torch's BLAS path (the plans do not change;
+    :func:`_scaling_iterations`).
 
     Parameters
     ----------
