@@ -561,7 +561,7 @@ def _scaling_block(p: _Problem, it: _Iterate, steps: int, done: Tensor, tau: flo
     """
     # On CPU the done problems are left out of the iterations (the work scales with the
     # problems still running); elsewhere the batch stays whole (no host sync per block).
-    live = ~done if done.device.type == "cpu" and not p.track_grad else None
+    live = ~done if done.device.type == "cpu" else None
     alpha_new, beta_new, rows_new = _scaling_iterations(
         p.groups, it.kernels, p.a3, p.b3, it.beta3, it.rows3, steps, live
     )

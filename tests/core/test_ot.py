@@ -145,6 +145,21 @@ def test_result_of_a_problem_does_not_depend_on_the_batch(g):
         assert int(batch.n_iter[k]) == int(alone.n_iter)
 
 
+def bmm_calls(monkeypatch, run):
+    """``run()``'s result and the (first, second) operand shapes of every ``torch.bmm`` it made."""
+    calls, bmm = [], torch.bmm
+
+    def spy(x, y, **kw):
+        calls.append((x.shape, y.shape))
+        return bmm(x, y, **kw)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    try:
+        return run(), calls
+    finally:
+        monkeypatch.setattr(torch, "bmm", bmm)
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_converged_problems_leave_the_iterations(g, monkeypatch, grouped):
     """On CPU a problem stops costing work once it converges: the batched mat-vecs run on the
@@ -158,16 +173,9 @@ def test_converged_problems_leave_the_iterations(g, monkeypatch, grouped):
     if grouped:
         monkeypatch.setattr(ot_module, "_CPU_BATCH_BYTES", 0)
         monkeypatch.setattr(ot_module, "_CPU_GROUP_BYTES", 3 * 2 * 8 * 24 * 24)
-    work, bmm = [], torch.bmm
-
-    def counting_bmm(x, y, **kw):
-        work.append(x.shape[0])
-        return bmm(x, y, **kw)
-
-    monkeypatch.setattr(torch, "bmm", counting_bmm)
     kw = dict(eps=0.02, tol=1e-6, max_iter=300)
-    batch = sinkhorn(C, a, b, **kw)
-    monkeypatch.setattr(torch, "bmm", bmm)
+    batch, calls = bmm_calls(monkeypatch, lambda: sinkhorn(C, a, b, **kw))
+    work = [x[0] for x, _ in calls]
     n_iter = batch.n_iter
     assert int(n_iter.min()) < int(n_iter.max())  # the draw mixes fast and slow problems
     # Two mat-vecs per problem and iteration (a few more when a block falls back to the log
@@ -189,15 +197,8 @@ def test_small_kernels_are_widened_onto_the_blas_path(g, monkeypatch, dtype):
     C, a, b, ns, ms = padded_problem(g, 6, n, m, dtype=dtype, n_min=2, m_min=2)
     C[0, ns[0]:, :] = float("nan")  # padding may hold anything
     kw = dict(eps=0.05, tol=1e-7 if dtype == F64 else 1e-5, max_iter=500)
-    shapes, bmm = [], torch.bmm
-
-    def spy_bmm(x, y, **kw):
-        shapes.append(y.shape[-2] * y.shape[-1])
-        return bmm(x, y, **kw)
-
-    monkeypatch.setattr(torch, "bmm", spy_bmm)
-    wide = sinkhorn(C, a, b, **kw)
-    monkeypatch.setattr(torch, "bmm", bmm)
+    wide, calls = bmm_calls(monkeypatch, lambda: sinkhorn(C, a, b, **kw))
+    shapes = [y[-2] * y[-1] for _, y in calls]
     box = max(ns) * max(ms)
     if box * 4 >= 400:  # widened unless it would more than quadruple
         assert shapes and min(shapes) >= 400, (box, set(shapes))
