@@ -169,7 +169,9 @@ def test_converged_problems_leave_the_iterations(g, monkeypatch, grouped):
     B = 9
     C, a, b, ns, ms = padded_problem(g, B, 24, 24, n_min=2, m_min=2)
     # Mixed convergence speeds: flat costs converge in one block, peaked ones take hundreds.
-    C = C * torch.rand(B, 1, 1, generator=g, dtype=F64).pow(3) * 3
+    scale = torch.rand(B, generator=g, dtype=F64).pow(3) * 3
+    scale[0], scale[-1] = 0.01, 3.0  # at least one of each, whatever the draw
+    C = C * scale[:, None, None]
     if grouped:
         monkeypatch.setattr(ot_module, "_CPU_BATCH_BYTES", 0)
         monkeypatch.setattr(ot_module, "_CPU_GROUP_BYTES", 3 * 2 * 8 * 24 * 24)
@@ -208,7 +210,10 @@ def test_small_kernels_are_widened_onto_the_blas_path(g, monkeypatch, dtype):
     torch.testing.assert_close(wide.plan, narrow.plan, atol=atol, rtol=0)
     torch.testing.assert_close(wide.value, narrow.value, atol=atol, rtol=0)
     assert wide.n_iter.tolist() == narrow.n_iter.tolist()
-    assert float(wide.marginal_error.max()) <= 1.2 * kw["tol"]
+    torch.testing.assert_close(wide.marginal_error, narrow.marginal_error, atol=atol, rtol=0)
+    # Problems that stopped early did so because they met tol (a slow draw may use the budget).
+    stopped = wide.n_iter < kw["max_iter"]
+    assert bool((wide.marginal_error[stopped] <= 1.2 * kw["tol"]).all())
 
 
 @pytest.mark.parametrize("eps", [0.05, 2e-3])
