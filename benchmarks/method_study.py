@@ -149,7 +149,8 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
     from cot2align_core.training import train
     from storage.distill_dataset import DistillDataset
     from storage.store import open_artifact
-    from tasks.common import load_side_tokenizer, teacher_num_layers, teacher_tensors
+    from tasks.common import (anchor_maps, load_side_tokenizer, teacher_num_layers,
+                              teacher_tensors)
     from tasks.training_run import build_model_for, seeded
 
     cfg, refs, _ = load_artifacts(config, overrides)
@@ -168,6 +169,7 @@ def train_one(config: str, overrides: list[str], name: str, spec: dict, seed: in
         objective = CoT2AlignObjective(objective_cfg, student_dim=model.config.hidden_size,
                                        teacher_dim=embed.shape[1],
                                        teacher_num_layers=teacher_num_layers(cfg))
+    anchor_maps(cfg, objective, refs, model, embed)
     pad = pad_token_id(tok)
     collate = lambda items: collate_distill(items, pad)  # noqa: E731
     extra = ([{"params": objective.projector_parameters(), "lr": objective_cfg.projector_lr}]

@@ -260,6 +260,14 @@ class OTConfig(_Section):
     collapse there, the student's response-token embeddings do not line up with the
     teacher's token by token.
 
+    ``map_init``: how the embedding layer's map starts. ``random`` (default): PyTorch's
+    initialisation, like every other map. ``anchors``: the rotation that best carries the
+    student's input embeddings of the tokens spelled the same in both vocabularies onto the
+    teacher's (orthogonal Procrustes; bias 0; ``cot2align_core.objective.OTAlignment.
+    init_from_anchors``). Needs ``space: teacher`` and the embedding layer in ``layers``.
+    Measured on the demo: seed 1's main embedding term ends at own/shuffled 0.94 from a random
+    start, the teacher's token geometry never reaching the map (README "Results").
+
     ``cross_marginals``: ``balanced`` (the paper) transports all of both sides' mass in the
     cross pairs too; ``relaxed_cot`` frees the CoT side's marginal there (each token of the
     standard form sends its mass to the CoT tokens most like it; rationale tokens without a
@@ -282,6 +290,7 @@ class OTConfig(_Section):
     weight: float = Field(1.0, ge=0)
     space: Literal["teacher", "student"] = "teacher"
     map: Literal["linear", "orthogonal"] = "linear"
+    map_init: Literal["random", "anchors"] = "random"
     center: bool = False
     cross_marginals: Literal["balanced", "relaxed_cot"] = "balanced"
     layer_weighting: Literal["fixed", "uncertainty"] = "fixed"
@@ -300,6 +309,12 @@ class OTConfig(_Section):
                              "depth fraction in (0, 1)")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"ot.layers names a layer twice: {self.layers}")
+        if self.map_init == "anchors" and (self.space != "teacher"
+                                           or "embedding" not in self.layers):
+            raise ValueError("ot.map_init 'anchors' starts the embedding layer's map (student "
+                             "-> teacher): it needs ot.space 'teacher' and 'embedding' in "
+                             f"ot.layers (got space {self.space!r}, layers {self.layers}); "
+                             "set map_init: random otherwise")
         extra = [x for x in self.cross_layers if x not in self.layers]
         if extra or len(set(self.cross_layers)) != len(self.cross_layers):
             raise ValueError(f"ot.cross_layers {self.cross_layers} must be distinct layers "

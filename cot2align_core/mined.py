@@ -545,6 +545,45 @@ def build_vocab_mapping(teacher_tokenizer, student_tokenizer, *,
     return mapping
 
 
+def same_spelling_pairs(teacher_tokenizer, student_tokenizer, *,
+                        teacher_vocab_size: int | None = None,
+                        student_vocab_size: int | None = None) -> tuple[list[int], list[int]]:
+    """The tokens spelled the same in both vocabularies: ``(student ids, teacher ids)``.
+
+    Strings are compared after :class:`TokenNormalizer` (so GPT-2's ``Ġthe`` and
+    SentencePiece's ``▁the`` are both `` the``); a string with several ids on a side takes its
+    regular token over a byte-fallback one, else the lowest id. Added and special tokens are
+    left out, except that the two end-of-sequence tokens are paired with each other. Ids at or
+    beyond a ``*_vocab_size`` (an embedding matrix smaller than the tokenizer) are left out.
+    Sorted by student id.
+    """
+    def strings(tok, size):
+        norm = TokenNormalizer.from_tokenizer(tok)
+        size = len(tok) if size is None else min(int(size), len(tok))
+        raw = tok.convert_ids_to_tokens(list(range(size)))
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        out: dict[str, int] = {}
+        for i, r in enumerate(raw):
+            if r is None or r in norm.literal or i in special:
+                continue
+            text = norm(r)
+            if not text:
+                continue
+            k = out.get(text)
+            if k is None or (_BYTE_FALLBACK.match(raw[k] or "") and not _BYTE_FALLBACK.match(r)):
+                out[text] = i
+        return out, size
+
+    t_ids, V_t = strings(teacher_tokenizer, teacher_vocab_size)
+    s_ids, V_s = strings(student_tokenizer, student_vocab_size)
+    pairs = {s_ids[text]: t_ids[text] for text in s_ids.keys() & t_ids.keys()}
+    te, se = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
+    if te is not None and se is not None and te < V_t and se < V_s:
+        pairs[se] = te
+    order = sorted(pairs)
+    return order, [pairs[j] for j in order]
+
+
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------

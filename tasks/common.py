@@ -234,6 +234,36 @@ def build_objective(cfg: PipelineConfig, objective_cfg, upstream: dict[str, Stag
                               teacher_num_layers=teacher_num_layers(cfg), vocab_map=vocab_map)
 
 
+def anchor_maps(cfg: PipelineConfig, objective, upstream: dict[str, StageRef], model,
+                teacher_embed) -> int:
+    """With ``ot.map_init: anchors``, start the embedding layer's map at the rotation that
+    carries the student's embeddings of the tokens spelled the same in both vocabularies onto
+    the teacher's (:meth:`cot2align_core.objective.OTAlignment.init_from_anchors`). Returns
+    the number of anchor pairs (0 when the option is off)."""
+    o = objective.config
+    if not (o.uses_ot and o.ot.map_init == "anchors"):
+        return 0
+    import torch
+
+    from cot2align_core.mined import same_spelling_pairs
+
+    student_embed = model.get_input_embeddings().weight
+    s_ids, t_ids = same_spelling_pairs(load_side_tokenizer(cfg, "teacher", upstream),
+                                       load_side_tokenizer(cfg, "student", upstream),
+                                       teacher_vocab_size=teacher_embed.shape[0],
+                                       student_vocab_size=student_embed.shape[0])
+    if len(s_ids) < 2:
+        raise ValueError(f"ot.map_init 'anchors': the student's and the teacher's tokenizers "
+                         f"share {len(s_ids)} spelling(s), too few to place the embedding "
+                         "map; set ot.map_init: random")
+    objective.ot.init_from_anchors(
+        student_embed.detach()[torch.tensor(s_ids, device=student_embed.device)],
+        teacher_embed[torch.tensor(t_ids, device=teacher_embed.device)])
+    logger().info("embedding map started on %d tokens spelled the same in both vocabularies",
+                  len(s_ids))
+    return len(s_ids)
+
+
 def teacher_tensors(cache_artifact, device: str):
     """(embedding matrix, LM head or None) of the teacher, saved beside its cache, as float32."""
     import torch

@@ -19,8 +19,8 @@ from prefect.cache_policies import NONE
 
 from cot2align_core.config import PipelineConfig
 from storage.store import open_artifact
-from tasks.common import (StageRef, build_objective, fitted_rows, load_side_tokenizer,
-                          teacher_tensors)
+from tasks.common import (StageRef, anchor_maps, build_objective, fitted_rows,
+                          load_side_tokenizer, teacher_tensors)
 from tasks.registry import StageKey
 from tasks.stage import run_stage
 from tasks.training_run import (Evaluation, TrainingJob, build_model_for, seeded,
@@ -47,6 +47,7 @@ def distill_job(cfg: PipelineConfig, key: StageKey, upstream: dict[str, StageRef
         model = build_model_for(cfg, "student", tok, device, seed=key.seed)
         objective = build_objective(cfg, objective_cfg, upstream, model.config.hidden_size,
                                     embed.shape[1]).to(device)
+    anchor_maps(cfg, objective, upstream, model, embed)
     pad = pad_token_id(tok)
 
     def loss_fn(m, batch):  # the training loop has moved the batch to the model's device

@@ -107,6 +107,7 @@ def _dump(model) -> dict[str, Any]:
 ADDED_OPTIONS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("ot", "map"), "linear"),
     (("ot", "center"), False),
+    (("ot", "map_init"), "random"),
 )
 
 

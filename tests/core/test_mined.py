@@ -12,7 +12,7 @@ import torch
 
 from cot2align_core.mined import (TokenNormalizer, alignment_tensor, build_vocab_mapping,
                                   edit_distance, edit_distance_matrix, map_tokens_by_min_edit,
-                                  min_edit_alignment, mined_kd_loss)
+                                  min_edit_alignment, mined_kd_loss, same_spelling_pairs)
 
 
 def _rand_strings(rng, n, alphabet="ab c", lo=0, hi=6):
@@ -188,6 +188,35 @@ def test_token_normalizer_project_tokenizers(kind):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert "".join(norm.tokens(tok, ids)).encode("latin-1").decode("utf-8") == text
     assert norm(tok.eos_token) == tok.eos_token
+
+
+@pytest.mark.parametrize("teacher,student", [("Qwen1.5-1.8B", "gpt2-base"),
+                                             ("gpt2-base", "tinyllama-1.1b-3T")])
+def test_same_spelling_pairs_real_tokenizers(tokenizers, teacher, student):
+    """The anchors of ``ot.map_init: anchors``: one pair per shared spelling, ids unique on
+    both sides, specials left out but the two EOS paired, byte-level and byte-fallback bytes
+    paired with each other."""
+    tt, st = tokenizers[teacher], tokenizers[student]
+    s_ids, t_ids = same_spelling_pairs(tt, st)
+    assert len(set(s_ids)) == len(s_ids) == len(t_ids) == len(set(t_ids))
+    assert s_ids == sorted(s_ids)
+    s_norm, t_norm = TokenNormalizer.from_tokenizer(st), TokenNormalizer.from_tokenizer(tt)
+    s_tok, t_tok = st.convert_ids_to_tokens(s_ids), tt.convert_ids_to_tokens(t_ids)
+    pairs = dict(zip(s_ids, t_ids))
+    assert pairs[st.eos_token_id] == tt.eos_token_id
+    for s, t, a, b in zip(s_ids, t_ids, s_tok, t_tok):
+        if s != st.eos_token_id:
+            assert s_norm(a) == t_norm(b) and s_norm(a), (a, b)
+            assert s not in st.all_special_ids and t not in tt.all_special_ids
+    by_token = dict(zip(s_tok, t_tok))
+    if student == "gpt2-base":  # GPT-2's byte-level BPE is nearly all inside Qwen's
+        assert len(s_ids) > 40_000 and by_token["\u0120the"] == "\u0120the"
+    else:
+        assert len(s_ids) > 10_000
+        assert by_token["\u2581the"] == "\u0120the" and by_token["<0x0A>"] == "\u010a"
+    # Only ids the embedding matrices have.
+    s_cut, t_cut = same_spelling_pairs(tt, st, teacher_vocab_size=1000, student_vocab_size=500)
+    assert s_cut and max(s_cut) < 500 and max(t_cut) < 1000
 
 
 def test_vocab_mapping_qwen_to_gpt2(tokenizers):

@@ -10,8 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from cot2align_core.config import ObjectiveConfig, OTConfig
 from cot2align_core.losses import response_ce, response_positions
-from cot2align_core.objective import (CoT2AlignObjective, StudentBatch, TeacherBatch,
-                                      hidden_index, teacher_layers_needed)
+from cot2align_core.objective import (CoT2AlignObjective, OTAlignment, StudentBatch,
+                                      TeacherBatch, hidden_index, teacher_layers_needed)
 from cot2align_core.ot import ot_alignment_loss
 
 V_S, D_S, V_T, D_T = 50, 32, 40, 24
@@ -655,19 +655,95 @@ def test_centred_cost_removes_the_batch_mean_of_each_side():
         "health/own/main/standard-standard/last"] < 0.9
 
 
+def _rms(x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _stiefel(g, rows, cols):
+    """A random matrix with orthonormal columns (rows when wide), float64."""
+    q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g,
+                                       dtype=torch.float64))
+    return q if rows >= cols else q.T
+
+
+@pytest.mark.parametrize("kind", ["linear", "orthogonal"])
+@pytest.mark.parametrize("dims", [(16, 24), (24, 16), (20, 20)])
+def test_anchor_init_is_the_procrustes_rotation(g, kind, dims):
+    """``map_init: anchors`` puts the embedding map at the best orthonormal map of the anchor
+    rows: it recovers a planted rotation, equals scipy's Procrustes (square case) and no
+    nearby orthonormal map fits better; the map the objective then applies is that matrix."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    d_s, d_t = dims
+    k = int(torch.randint(d_s + 2, 3 * d_s, (1,), generator=g))
+    ot = OTAlignment(OTConfig(map=kind, map_init="anchors"), student_dim=d_s, teacher_dim=d_t)
+    X = torch.randn(k, d_s, generator=g, dtype=torch.float64) * 3 + 1
+    Q = _stiefel(g, d_t, d_s)
+    # Planted: the teacher rows are the student's, rotated (RMS scale differs by sqrt(d_t/d_s)).
+    Y = _rms(X) @ Q.T
+    if d_t >= d_s:  # a tall map is determined by the anchors
+        W = ot.init_from_anchors(X.float(), Y.float()).double()
+        torch.testing.assert_close(W, Q, atol=1e-5, rtol=0)
+    # With noise: the optimum over orthonormal maps, checked independently.
+    Y = Y + 0.5 * torch.randn(k, d_t, generator=g, dtype=torch.float64)
+    W = ot.init_from_anchors(X.float(), Y.float()).double()
+    Xn, Yn = _rms(X), _rms(Y)
+    gram = W.T @ W if d_t >= d_s else W @ W.T
+    torch.testing.assert_close(gram, torch.eye(min(d_s, d_t), dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+
+    def misfit(M):
+        return float((Xn @ M.T - Yn).pow(2).sum())
+    if d_s == d_t:
+        R, _ = scipy_linalg.orthogonal_procrustes(Xn.numpy(), Yn.numpy())
+        torch.testing.assert_close(W, torch.from_numpy(R).T, atol=1e-5, rtol=0)
+    best = misfit(W)
+    for _ in range(20):
+        near = W + 0.05 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+        u, _, vh = torch.linalg.svd(near, full_matrices=False)
+        assert misfit(u @ vh) >= best - 1e-6 * best
+    # The objective's map now applies W (no bias) to RMS-normalised student states.
+    layer = ot.maps[ot.names.index("embedding")]
+    x = torch.randn(5, d_s, generator=g)
+    torch.testing.assert_close(layer(_rms(x)), _rms(x) @ W.float().T, atol=1e-5, rtol=1e-5)
+    if layer.bias is not None:
+        assert float(layer.bias.detach().abs().max()) == 0.0
+    # The orthogonal map keeps its parametrization (the stored matrix was set, not replaced).
+    assert torch.nn.utils.parametrize.is_parametrized(layer, "weight") == (kind == "orthogonal")
+
+
+def test_anchor_init_centres_with_center_and_needs_the_embedding_map(g):
+    d_s, d_t, k = 8, 12, 30
+    X = torch.randn(k, d_s, generator=g, dtype=torch.float64)
+    Y = torch.randn(k, d_t, generator=g, dtype=torch.float64)
+    ot = OTAlignment(OTConfig(map_init="anchors", center=True), student_dim=d_s,
+                     teacher_dim=d_t)
+    W = ot.init_from_anchors(X, Y).double()
+    Xc, Yc = _rms(X) - _rms(X).mean(0), _rms(Y) - _rms(Y).mean(0)
+    u, _, vh = torch.linalg.svd(Yc.T @ Xc, full_matrices=False)
+    torch.testing.assert_close(W, u @ vh, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pair up"):
+        ot.init_from_anchors(X[:5], Y[:4])
+    with pytest.raises(ValueError, match="embedding"):
+        OTConfig(map_init="anchors", layers=["last"])
+    with pytest.raises(ValueError, match="space 'teacher'"):
+        OTConfig(map_init="anchors", space="student")
+
+
 def test_added_option_at_its_old_behaviour_keeps_the_fingerprint():
     from tasks.registry import ADDED_OPTIONS, _objective_params
 
     base = ObjectiveConfig()
     dumped = base.model_dump(mode="json")
     added = {path[-1] for path, _ in ADDED_OPTIONS}
-    assert {"map", "center"} <= added
+    assert {"map", "center", "map_init"} <= added
     assert not added & set(_objective_params(base)["ot"])
     assert {k: v for k, v in dumped["ot"].items() if k not in added} == \
         _objective_params(base)["ot"]
     assert _objective_params(ObjectiveConfig(ot=OTConfig(map="orthogonal")))["ot"]["map"] == \
         "orthogonal"
     assert _objective_params(ObjectiveConfig(ot=OTConfig(center=True)))["ot"]["center"] is True
+    assert _objective_params(ObjectiveConfig(ot=OTConfig(map_init="anchors")))["ot"][
+        "map_init"] == "anchors"
     assert _objective_params(ObjectiveConfig(ot=None))["ot"] is None
 
 

@@ -6,8 +6,6 @@ pytest shows when the test fails, so that a failure can be replayed with COT2ALI
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import numpy as np
 import ot as pot
@@ -33,14 +31,6 @@ F64 = torch.float64
 # arbitrarily slowly (a 2x2 cost near a permutation: the off-diagonal mass is exp(-dC/eps)),
 # in POT too; the tests that need convergence use eps large enough against their cost range.
 TIGHT = dict(tol=1e-12, max_iter=50_000)
-
-
-@pytest.fixture
-def g() -> torch.Generator:
-    env = os.environ.get("COT2ALIGN_TEST_SEED")
-    seed = int(env) if env else random.SystemRandom().randrange(2**31)
-    print(f"seed={seed} (replay with COT2ALIGN_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def randint(g, lo: int, hi: int) -> int:

@@ -19,8 +19,8 @@ def task_cfg(tmp_path_factory):
     # each must resolve, train and be evaluated.
     grid = read_config_data(REPO / "configs" / "paper_table_demo.yaml")
     raw["distill"]["students"] = grid["distill"]["students"]
-    # Its main student is the paper's objective (all three pairs), as in the grid.
-    raw["distill"]["objective"]["ot"]["pairs"] = grid["distill"]["objective"]["ot"]["pairs"]
+    # Its main student is the paper's objective (all three pairs, balanced), as in the grid.
+    raw["distill"]["objective"]["ot"].update(grid["distill"]["objective"]["ot"])
     raw["evaluate"].update(seeds=[0], decoding=["greedy", "sampled"], max_rows=3, max_tokens=8)
     raw["distill"]["selection"] = {"every": 3, "max_rows": 4, "max_tokens": 8}
     return parse_config(raw)

@@ -168,3 +168,47 @@ def test_ot_students_log_the_health_of_their_ot_terms(task_store):
     assert any(k.startswith("health/spread/") for k in measured[-1])
     sft = artifact(refs["distill[sft,seed=0]"]).read_table("history").column_names
     assert not any(k.startswith("health/") for k in sft)
+
+
+def test_the_anchored_student_starts_its_embedding_map_on_shared_spellings(task_store):
+    """``ot.map_init: anchors`` (grid row ``anchored``): before its first step, the student's
+    embedding map carries its embeddings of the tokens spelled the same in both vocabularies
+    to their own teacher rows, well above shuffled ones; the default random start does not."""
+    import torch
+
+    from cot2align_core.mined import same_spelling_pairs
+    from tasks.common import load_side_tokenizer, teacher_tensors
+    from tasks.distill import distill_job
+    from tasks.registry import upstream_keys
+
+    cfg, refs = task_store
+    assert cfg.resolve_student("anchored").objective.ot.map_init == "anchors"
+
+    def own_minus_shuffled(label):
+        key = StageKey.parse(f"distill[{label},seed=0]")
+        ups = {str(u): refs[str(u)] for u in upstream_keys(cfg, key)}
+        job = distill_job(cfg, key, ups, "cpu")
+        embed, _ = teacher_tensors(artifact(ups["cache_teacher"]), "cpu")
+        s_ids, t_ids = same_spelling_pairs(load_side_tokenizer(cfg, "teacher", ups),
+                                           load_side_tokenizer(cfg, "student", ups))
+        assert len(s_ids) >= 20
+        ot = job.objective.ot
+        with torch.no_grad():
+            x, y = ot.sides(job.model.get_input_embeddings().weight[s_ids].unsqueeze(0),
+                            _Rows(embed, t_ids), "embedding", embed)
+            x, y = x[0], y[0]
+            own = torch.cosine_similarity(x, y, dim=-1).mean()
+            shuffled = torch.cosine_similarity(x, y.roll(1, 0), dim=-1).mean()
+        return float(own - shuffled)
+
+    assert own_minus_shuffled("anchored") > 0.3
+    assert abs(own_minus_shuffled("cot2align")) < 0.15
+
+
+class _Rows:
+    """The teacher side of :meth:`OTAlignment.sides` for given token ids (one row)."""
+
+    def __init__(self, embed, ids):
+        import torch
+
+        self.target_ids = torch.tensor([ids])
