@@ -61,9 +61,10 @@ def test_each_student_trains_with_its_own_objective(task_store):
                          "uld_cot2align": "uld+ot", "mined": "mined",
                          "mined_cot2align": "mined+ot", "no_cross": "dskd+ot",
                          "no_cross_b": "dskd+ot", "last_layer_only": "dskd+ot",
-                         "mid_layer": "dskd+ot", "uncertainty_weights": "dskd+ot"}
+                         "mid_layer": "dskd+ot", "uncertainty_weights": "dskd+ot",
+                         "demo_default": "dskd+ot", "anchored": "dskd+ot", "relaxed": "dskd+ot"}
     for label in ("no_cross", "no_cross_b", "last_layer_only", "uld_cot2align", "mid_layer",
-                  "uncertainty_weights"):
+                  "uncertainty_weights", "demo_default", "anchored", "relaxed"):
         h = artifact(refs[f"distill[{label},seed=0]"]).read_table("history").to_pylist()
         assert all(r["ot"] > 0 for r in h), label
     mid = artifact(refs["distill[mid_layer,seed=0]"]).read_table("history").column_names
