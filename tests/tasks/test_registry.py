@@ -234,3 +234,21 @@ def test_unreachable_pretrained_teacher_depth_is_a_config_error(monkeypatch, tmp
     with pytest.raises(ConfigError, match=r"teacher.pretrained: cannot read the config .*"
                                           r"Download the model first"):
         plan(cfg)
+
+
+def test_the_five_seed_config_reuses_the_grids_students():
+    """configs/demo_objectives_5seeds.yaml says that after paper_table_demo.yaml only seeds 3
+    and 4 are trained: its upstream and its seeds 0-2 are the grid's instances."""
+    grid = plan(load_config(REPO / "configs" / "paper_table_demo.yaml"))
+    five = plan(load_config(REPO / "configs" / "demo_objectives_5seeds.yaml"))
+    students = {(k.label, k.seed): fp for k, fp in grid.items() if k.stage == "distill"}
+    same_label = {"cot2align": "demo_default"}  # five's main student is the demo's own
+    checked = 0
+    for key, fp in five.items():
+        if key.stage == "distill" and key.seed < 3:
+            assert fp == students[(same_label.get(key.label, key.label), key.seed)], key
+            checked += 1
+        elif key.stage not in ("distill", "evaluate"):
+            assert fp == grid[key], key
+    assert checked == 7 * 3
+    assert {k.seed for k in five if k.stage == "distill"} == {0, 1, 2, 3, 4}
