@@ -522,19 +522,9 @@ def build_vocab_mapping(teacher_tokenizer, student_tokenizer, *,
     t_strings += [None] * (V_t - len(t_strings))
     s_raw = student_tokenizer.convert_ids_to_tokens(list(range(len(student_tokenizer))))
     s_strings = [s_norm(t) for t in s_raw]
-    # Prefer regular tokens over byte-fallback ones with the same string.
-    seen: dict[str, int] = {}
-    for j, (raw, s) in enumerate(zip(s_raw, s_strings)):
-        if not s:
-            continue
-        k = seen.get(s)
-        if k is None:
-            seen[s] = j
-        elif _BYTE_FALLBACK.match(s_raw[k] or "") and not _BYTE_FALLBACK.match(raw or ""):
-            s_strings[k] = None
-            seen[s] = j
-        else:
-            s_strings[j] = None
+    # One student id per string: regular tokens over byte-fallback ones.
+    owner = _string_owners(s_raw, s_strings)
+    s_strings = [s if not s or owner[s] == j else None for j, s in enumerate(s_strings)]
     fallback = next((i for i in (student_tokenizer.unk_token_id, student_tokenizer.eos_token_id, 0)
                      if i is not None), 0)
     mapping = map_tokens_by_min_edit(t_strings, s_strings, window=window, fallback_id=fallback)
@@ -543,6 +533,20 @@ def build_vocab_mapping(teacher_tokenizer, student_tokenizer, *,
         if ti is not None and si is not None and 0 <= ti < V_t:
             mapping[ti] = si
     return mapping
+
+
+def _string_owners(raw: Sequence[str | None], strings: Sequence[str | None]) -> dict[str, int]:
+    """Normalised string -> the one id that stands for it: the lowest, except that a regular
+    token wins over a byte-fallback one (SentencePiece's ``▁`` and ``<0x20>``). Empty and
+    None strings have no owner."""
+    owner: dict[str, int] = {}
+    for j, (r, s) in enumerate(zip(raw, strings)):
+        if not s:
+            continue
+        k = owner.get(s)
+        if k is None or (_BYTE_FALLBACK.match(raw[k] or "") and not _BYTE_FALLBACK.match(r or "")):
+            owner[s] = j
+    return owner
 
 
 def same_spelling_pairs(teacher_tokenizer, student_tokenizer, *,
@@ -562,17 +566,9 @@ def same_spelling_pairs(teacher_tokenizer, student_tokenizer, *,
         size = len(tok) if size is None else min(int(size), len(tok))
         raw = tok.convert_ids_to_tokens(list(range(size)))
         special = set(getattr(tok, "all_special_ids", []) or [])
-        out: dict[str, int] = {}
-        for i, r in enumerate(raw):
-            if r is None or r in norm.literal or i in special:
-                continue
-            text = norm(r)
-            if not text:
-                continue
-            k = out.get(text)
-            if k is None or (_BYTE_FALLBACK.match(raw[k] or "") and not _BYTE_FALLBACK.match(r)):
-                out[text] = i
-        return out, size
+        texts = [None if r is None or r in norm.literal or i in special else norm(r)
+                 for i, r in enumerate(raw)]
+        return _string_owners(raw, texts), size
 
     t_ids, V_t = strings(teacher_tokenizer, teacher_vocab_size)
     s_ids, V_s = strings(student_tokenizer, student_vocab_size)

@@ -332,6 +332,13 @@ class OTAlignment(nn.Module):
         if config.layer_weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
 
+    def embedding_map(self) -> nn.Module | None:
+        """The learned map of the embedding layer (student -> teacher), None without one
+        (``space="student"``, or no embedding layer in ``layers``)."""
+        if self.maps is None or "embedding" not in self.names:
+            return None
+        return self.maps[self.names.index("embedding")]
+
     @torch.no_grad()
     def init_from_anchors(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Start the embedding layer's map (``ot.map_init="anchors"``) at the orthogonal
@@ -345,7 +352,8 @@ class OTAlignment(nn.Module):
         Why: from a random start the map and the student's embeddings settle on a pairing that
         ignores which token is which on some seeds (own/shuffled 0.94 on the demo's seed 1);
         the shared spellings are the one token-level correspondence known before training."""
-        if self.maps is None or "embedding" not in self.names:
+        layer = self.embedding_map()
+        if layer is None:
             raise ValueError("init_from_anchors needs space 'teacher' and the embedding layer")
         if student_rows.shape[0] != teacher_rows.shape[0] or student_rows.shape[0] < 2:
             raise ValueError(f"anchor rows must pair up, at least 2: got "
@@ -357,7 +365,6 @@ class OTAlignment(nn.Module):
             X, Y = X - X.mean(0), Y - Y.mean(0)
         U, _, Vh = torch.linalg.svd(Y.T @ X, full_matrices=False)
         W = U @ Vh
-        layer = self.maps[self.names.index("embedding")]
         dst = (layer.parametrizations.weight.original
                if nn.utils.parametrize.is_parametrized(layer, "weight") else layer.weight)
         dst.copy_(W.to(dst))

@@ -243,7 +243,7 @@ def anchor_maps(cfg: PipelineConfig, objective, upstream: dict[str, StageRef], m
     o = objective.config
     if not (o.uses_ot and o.ot.map_init == "anchors"):
         return 0
-    if objective.ot.maps is None or "embedding" not in objective.ot.names:
+    if objective.ot.embedding_map() is None:
         logger().info("ot.map_init 'anchors' has no embedding map to start here (space %s, "
                       "layers %s): every map starts at random", o.ot.space, o.ot.layers)
         return 0

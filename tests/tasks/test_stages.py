@@ -196,7 +196,7 @@ def test_the_anchored_student_starts_its_embedding_map_on_shared_spellings(task_
         ot = job.objective.ot
         with torch.no_grad():
             x, y = ot.sides(job.model.get_input_embeddings().weight[s_ids].unsqueeze(0),
-                            _Rows(embed, t_ids), "embedding", embed)
+                            _Rows(t_ids), "embedding", embed)
             x, y = x[0], y[0]
             own = torch.cosine_similarity(x, y, dim=-1).mean()
             shuffled = torch.cosine_similarity(x, y.roll(1, 0), dim=-1).mean()
@@ -209,7 +209,7 @@ def test_the_anchored_student_starts_its_embedding_map_on_shared_spellings(task_
 class _Rows:
     """The teacher side of :meth:`OTAlignment.sides` for given token ids (one row)."""
 
-    def __init__(self, embed, ids):
+    def __init__(self, ids):
         import torch
 
         self.target_ids = torch.tensor([ids])
